@@ -1,0 +1,1 @@
+"""Data: prompt templates, Dolly-format instruction data and plain-text continuation data."""
