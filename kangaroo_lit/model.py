@@ -1,0 +1,370 @@
+"""KangarooModel: a frozen HF causal LM split at ``exit_layer`` into a draft path and a full path.
+
+* Draft path: shallow layers ``0..L`` (with LoRA when enabled) -> :class:`KangarooAdapter` -> exit head.
+* Full path:  shallow layers ``0..L`` -> deep layers ``L+1..N-1`` -> final norm -> ``lm_head``.
+
+``lora_scope="draft"`` (default) applies LoRA only on the draft path: the full path, which verifies
+drafts at decode time, is then the untouched base model, so decoding is lossless with respect to it.
+``lora_scope="shared"`` is the original SGP code's behaviour: one shallow pass with LoRA feeds both
+paths, and decoding is lossless with respect to the LoRA-merged (possibly drifted) model.
+
+The building blocks (:meth:`embed`, :meth:`rotary`, :meth:`run_layers`, :meth:`deep_logits`,
+:meth:`draft_logits`) take an optional KV cache, so the self-speculative decoder reuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from kangaroo_lit.adapter import KangarooAdapter
+from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
+
+LoraScope = Literal["draft", "shared"]
+ExitHeadMode = Literal["shared", "trainable"]
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the shallow layers. ``rank == 0`` turns LoRA off (pure Kangaroo)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
+    scope: LoraScope = "draft"
+
+
+@dataclass
+class TwoPathOutput:
+    """Logits of both paths over the same positions: each (B, T, V)."""
+
+    main_logits: torch.Tensor
+    exit_logits: torch.Tensor
+
+
+def causal_attention_mask(
+    query_length: int,
+    past_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Additive causal mask for queries at positions ``past_length..past_length+query_length-1``.
+
+    Args:
+        padding_mask: (B, past_length + query_length) with 1 for real tokens, 0 for padding, or None.
+        sliding_window: if set, a query attends to at most this many most recent keys (itself included).
+
+    Returns:
+        (B or 1, 1, query_length, past_length + query_length) tensor of 0 (attend) and the dtype's
+        most negative finite value (masked). Finite, so a fully masked padding row cannot make NaNs.
+    """
+    kv_length = past_length + query_length
+    q_pos = torch.arange(past_length, kv_length, device=device)[:, None]
+    k_pos = torch.arange(kv_length, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None, None]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, :kv_length].bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class KangarooModel(nn.Module):
+    """A frozen base LM with shallow LoRA, a Kangaroo adapter and an exit head.
+
+    Args:
+        base: a loaded HF causal LM of a supported architecture (its parameters get frozen here).
+        exit_layer: L; the shallow network is decoder layers ``0..L``.
+        lora: LoRA settings; None or rank 0 for no LoRA.
+        exit_head: ``"shared"`` reuses the frozen ``lm_head``; ``"trainable"`` is a copy of it that trains.
+        trainable_dtype: dtype of the trainable parts (fp32 keeps optimizer updates exact when the
+            frozen base is bf16; their inputs are cast on the way in).
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        exit_layer: int,
+        lora: LoraSettings | None = None,
+        exit_head: ExitHeadMode = "shared",
+        trainable_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_architecture(base.config)
+        num_layers = base.config.num_hidden_layers
+        check_exit_layer(exit_layer, num_layers)
+        if exit_head not in ("shared", "trainable"):
+            raise ValueError(f"exit_head must be 'shared' or 'trainable', got {exit_head!r}")
+        self.exit_layer = exit_layer
+        self.exit_head_mode = exit_head
+        self.lora_settings = lora if lora is not None and lora.rank > 0 else None
+        if self.lora_settings is not None and self.lora_settings.scope not in ("draft", "shared"):
+            raise ValueError(f"lora scope must be 'draft' or 'shared', got {self.lora_settings.scope!r}")
+        base.requires_grad_(False)
+        self._layer_types = layer_attention_types(base.config)
+
+        first_deep = base.model.layers[exit_layer + 1]
+        self.adapter = KangarooAdapter(
+            base.config,
+            attention_cls=type(first_deep.self_attn),
+            norm_cls=type(base.model.norm),
+            layer_type=self._layer_types[exit_layer],
+        )
+        self.adapter.init_from_base(first_deep, base.model.norm)
+        self.adapter.to(dtype=trainable_dtype, device=base.model.norm.weight.device)
+        self.adapter.requires_grad_(True)
+
+        self.exit_proj: nn.Linear | None = None
+        if exit_head == "trainable":
+            lm_head = base.get_output_embeddings()
+            self.exit_proj = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
+            with torch.no_grad():
+                self.exit_proj.weight.copy_(lm_head.weight)
+                if lm_head.bias is not None:
+                    self.exit_proj.bias.copy_(lm_head.bias)
+            self.exit_proj.to(dtype=trainable_dtype, device=lm_head.weight.device)
+
+        if self.lora_settings is not None:
+            from peft import LoraConfig, get_peft_model
+
+            s = self.lora_settings
+            peft_config = LoraConfig(
+                r=s.rank,
+                lora_alpha=s.alpha,
+                lora_dropout=s.dropout,
+                target_modules=list(s.target_modules),
+                layers_to_transform=list(range(exit_layer + 1)),
+                layers_pattern="layers",
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            base = get_peft_model(base, peft_config)
+            for p in base.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(trainable_dtype)
+        self.base = base
+
+    # ----------------------------------------------------------------------------------------------
+    # Structure
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The HF ``...ForCausalLM`` (inside the PEFT wrapper when LoRA is on)."""
+        return self.base.get_base_model() if self.has_lora else self.base
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_settings is not None
+
+    @property
+    def lora_scope(self) -> LoraScope | None:
+        return self.lora_settings.scope if self.lora_settings is not None else None
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.causal_lm.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def shallow_is_shared(self) -> bool:
+        """True when draft and full paths share the shallow pass (no LoRA, or ``lora_scope="shared"``)."""
+        return not self.has_lora or self.lora_scope == "shared"
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything that trains: LoRA, adapter, trainable exit head."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def lora_enabled(self, enabled: bool):
+        """Run the enclosed code with LoRA on or off (a no-op without LoRA or when asked for on)."""
+        if not self.has_lora or enabled:
+            yield
+            return
+        with self.base.disable_adapter():
+            yield
+
+    # ----------------------------------------------------------------------------------------------
+    # Building blocks (shared by training and decoding)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) embeddings."""
+        return self.causal_lm.model.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``(cos, sin)``, each (B, T, head_dim), for (B, T) ``position_ids``."""
+        return self.causal_lm.model.rotary_emb(hidden, position_ids)
+
+    def _masks(
+        self,
+        query_length: int,
+        past_length: int,
+        padding_mask: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor | None]:
+        """Masks per attention type. None means "SDPA's causal flag": only valid without past, padding
+        left of real tokens, or a sliding window shorter than the sequence."""
+        kv_length = past_length + query_length
+        window = getattr(self.config, "sliding_window", None)
+        plain_causal = past_length == 0 and (padding_mask is None or bool(padding_mask[:, :kv_length].all()))
+        masks: dict[str, torch.Tensor | None] = {}
+        for layer_type in set(self._layer_types) | {self.adapter.layer_type}:
+            sliding = window if layer_type == "sliding_attention" else None
+            if plain_causal and (sliding is None or kv_length <= sliding) and query_length > 1:
+                masks[layer_type] = None
+            else:
+                masks[layer_type] = causal_attention_mask(
+                    query_length, past_length, dtype, device, padding_mask, sliding
+                )
+        return masks
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        stop: int,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Run decoder layers ``start..stop-1`` (with LoRA as currently enabled).
+
+        Args:
+            hidden: (B, T, d) input of layer ``start``.
+            position_ids: (B, T) absolute positions of the T new tokens.
+            padding_mask: (B, T_past + T), 1 = real token; None = no padding.
+            cache: a cache whose entries ``start..stop-1`` hold the past keys/values of those layers;
+                updated in place. Its length at layer ``start`` is taken as the past length.
+
+        Returns:
+            (B, T, d) output of layer ``stop - 1``.
+        """
+        if start >= stop:
+            return hidden
+        past_length = 0
+        if cache is not None and len(cache.layers) > start:
+            past_length = cache.layers[start].get_seq_length()
+        masks = self._masks(hidden.shape[1], past_length, padding_mask, hidden.dtype, hidden.device)
+        position_embeddings = self.rotary(hidden, position_ids)
+        for idx in range(start, stop):
+            out = self.layers[idx](
+                hidden,
+                attention_mask=masks[self._layer_types[idx]],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def shallow(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        draft: bool = True,
+    ) -> torch.Tensor:
+        """Layers ``0..L``: with LoRA for the draft path, without it for the full path of scope "draft".
+
+        Returns (B, T, d) = ``hidden_states[L + 1]`` of the path chosen.
+        """
+        use_lora = draft or self.lora_scope == "shared"
+        with self.lora_enabled(use_lora):
+            return self.run_layers(hidden, 0, self.exit_layer + 1, position_ids, padding_mask, cache)
+
+    def deep_logits(
+        self,
+        shallow_hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Layers ``L+1..N-1`` -> final norm -> ``lm_head``: (B, T, d) -> (B, T, V) logits."""
+        h = self.run_layers(shallow_hidden, self.exit_layer + 1, self.num_layers, position_ids, padding_mask, cache)
+        return self.causal_lm.lm_head(self.causal_lm.model.norm(h))
+
+    def draft_logits(
+        self,
+        shallow_hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Adapter -> exit head: (B, T, d) shallow hidden states -> (B, T, V) draft logits.
+
+        ``cache`` is the adapter's own one-layer cache.
+        """
+        past_length = cache.get_seq_length() if cache is not None else 0
+        mask = self._masks(
+            shallow_hidden.shape[1], past_length, padding_mask, shallow_hidden.dtype, shallow_hidden.device
+        )[self.adapter.layer_type]
+        h = self.adapter(shallow_hidden, self.rotary(shallow_hidden, position_ids), mask, cache)
+        return self.exit_head(h)
+
+    def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) adapter output -> (B, T, V) logits, by the shared ``lm_head`` or the trainable copy."""
+        if self.exit_proj is not None:
+            return self.exit_proj(hidden.to(self.exit_proj.weight.dtype))
+        lm_head = self.causal_lm.lm_head
+        return lm_head(hidden.to(lm_head.weight.dtype))
+
+    # ----------------------------------------------------------------------------------------------
+    # Training / evaluation forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        detach_exit: bool = True,
+    ) -> TwoPathOutput:
+        """Both paths over a right-padded batch.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T), 1 for real tokens; padding must be on the right.
+            detach_exit: SGP. The full path gets a detached shallow state and runs its deep layers
+                under ``no_grad``, so ``loss_main`` reaches no trainable weight and keeps no activations.
+
+        Returns:
+            :class:`TwoPathOutput` with (B, T, V) ``main_logits`` and ``exit_logits``.
+        """
+        batch, length = input_ids.shape
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        # Right padding: a real token never attends to a pad key under the causal mask, so the
+        # padding mask is not needed (and SDPA keeps its fused causal kernel).
+        hidden = self.embed(input_ids)
+        draft_shallow = self.shallow(hidden, position_ids, draft=True)
+        exit_logits = self.draft_logits(draft_shallow, position_ids)
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_exit):
+            if self.shallow_is_shared:
+                main_shallow = draft_shallow.detach() if detach_exit else draft_shallow
+            else:
+                main_shallow = self.shallow(hidden, position_ids, draft=False)
+            main_logits = self.deep_logits(main_shallow, position_ids)
+        return TwoPathOutput(main_logits=main_logits, exit_logits=exit_logits)
+
+    def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, V) logits of the model that verifies (no padding handling beyond causal)."""
+        batch, length = input_ids.shape
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        shallow = self.shallow(self.embed(input_ids), position_ids, draft=False)
+        return self.deep_logits(shallow, position_ids)
