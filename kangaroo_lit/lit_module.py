@@ -8,6 +8,7 @@ optimizer state and the model configuration (DESIGN §4b).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -18,6 +19,10 @@ from kangaroo_lit.architectures import load_base_model, resolve_dtype
 from kangaroo_lit.embedded import TINY_MODEL, resolve_path
 from kangaroo_lit.losses import IGNORE_INDEX, sgp_loss
 from kangaroo_lit.model import LLAMA_TARGET_MODULES, KangarooModel, LoraSettings
+
+
+# The frozen base is deliberately kept in eval mode (no dropout in the model being served).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,0 +1,134 @@
+"""The LightningModule: what trains, what stays frozen, SGP's missing graph, NaN handling."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from kangaroo_lit.checkpointing import KangarooCheckpoint
+from kangaroo_lit.lit_module import KangarooLitModule, NonFiniteLossError
+
+
+def toy_batches(n_batches=4, batch=2, length=12, vocab=300, seed=0):
+    """Right-padded batches with a masked prompt, as the data module makes them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, vocab, (batch, length), generator=g)
+        attn = torch.ones_like(ids)
+        attn[1, -3:] = 0
+        labels = ids.clone()
+        labels[:, :4] = -100
+        labels[attn == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": attn, "labels": labels})
+    return out
+
+
+def make_module(model_dir, **kw):
+    kw.setdefault("exit_layer", 1)
+    kw.setdefault("lora_rank", 4)
+    kw.setdefault("warmup_steps", 1)
+    kw.setdefault("learning_rate", 1e-2)
+    module = KangarooLitModule(base_model=str(model_dir), **kw)
+    module.configure_model()
+    return module
+
+
+def fit(module, batches, max_steps=3, **trainer_kw):
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize("detach_exit", [True, False])
+@pytest.mark.parametrize("lora_scope", ["draft", "shared"])
+def test_only_trainable_parameters_move(tiny_llama_dir, detach_exit, lora_scope):
+    module = make_module(tiny_llama_dir, detach_exit=detach_exit, lora_scope=lora_scope, exit_head="trainable")
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable, "something must train"
+    fit(module, toy_batches())
+    for name, p in module.model.named_parameters():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved == (name in trainable), f"{name}: moved={moved}, trainable={name in trainable}"
+    # the optimizer got exactly the trainable parameters
+    opt_params = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for n, p in module.model.named_parameters() if n in trainable}
+
+
+@pytest.mark.parametrize("lora_scope", ["draft", "shared"])
+def test_sgp_keeps_no_graph_through_deep_layers(tiny_llama_dir, lora_scope):
+    module = make_module(tiny_llama_dir, lora_scope=lora_scope, detach_exit=True)
+    grad_modes = {}
+
+    def record(idx):
+        def hook(mod, args, out):
+            hidden = out[0] if isinstance(out, tuple) else out
+            grad_modes.setdefault(idx, []).append(hidden.requires_grad)
+        return hook
+
+    layers = module.model.layers
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(record(i))
+    batch = toy_batches(1)[0]
+    module.train()
+    out = module.model(batch["input_ids"], batch["attention_mask"], detach_exit=True)
+    deep = range(module.hparams.exit_layer + 1, len(layers))
+    assert all(not any(grad_modes[i]) for i in deep), grad_modes
+    assert not out.main_logits.requires_grad and out.exit_logits.requires_grad
+
+    # joint mode in shared scope: the main path does carry a graph into the shallow LoRA
+    if lora_scope == "shared":
+        out = module.model(batch["input_ids"], batch["attention_mask"], detach_exit=False)
+        assert out.main_logits.requires_grad
+
+
+def test_draft_scope_verifier_stays_the_base_after_training(tiny_llama_dir):
+    module = make_module(tiny_llama_dir, lora_scope="draft", exit_loss="kd")
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(3))
+    from kangaroo_lit.architectures import load_base_model
+
+    reference = load_base_model(str(tiny_llama_dir), "float32")(ids).logits
+    fit(module, toy_batches(), max_steps=4)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.full_logits(ids), reference, rtol=0, atol=1e-5)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_llama_dir, tmp_path):
+    module = make_module(tiny_llama_dir)
+    ckpt = KangarooCheckpoint(every_n_train_steps=1)
+    batches = toy_batches(6)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[ckpt], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    good = torch.load(last, weights_only=False)
+    assert good["global_step"] == 2
+
+    # poison the trainable weights, then continue: step 3 must fail and leave last.ckpt alone
+    with torch.no_grad():
+        module.model.adapter.self_attn.o_proj.weight.fill_(float("nan"))
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, callbacks=[KangarooCheckpoint(every_n_train_steps=1)],
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at global step 0"):
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+    after = torch.load(last, weights_only=False)
+    assert after["global_step"] == 2
+    for k, v in good["state_dict"].items():
+        assert torch.equal(v, after["state_dict"][k])
+
+
+def test_checkpoint_holds_only_trainable_tensors(tiny_llama_dir, tmp_path):
+    module = make_module(tiny_llama_dir, exit_head="trainable")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                        callbacks=[KangarooCheckpoint()], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(toy_batches(2), batch_size=None))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    assert keys == set(module.trainable_state_keys())
+    base_tensors = {p.data_ptr() for p in module.model.causal_lm.parameters() if not p.requires_grad}
+    assert not any(t.data_ptr() in base_tensors for t in ckpt["state_dict"].values())
+    assert not any("embed_tokens" in k or "mlp" in k and "lora" not in k for k in keys)
+    assert ckpt["kangaroo_structure"]["exit_layer"] == 1
