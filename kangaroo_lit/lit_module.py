@@ -20,7 +20,6 @@ from kangaroo_lit.embedded import TINY_MODEL, resolve_path
 from kangaroo_lit.losses import IGNORE_INDEX, sgp_loss
 from kangaroo_lit.model import LLAMA_TARGET_MODULES, KangarooModel, LoraSettings
 
-
 # The frozen base is deliberately kept in eval mode (no dropout in the model being served).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 

@@ -110,8 +110,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_llama_dir, tmp_
     # poison the trainable weights, then continue: step 3 must fail and leave last.ckpt alone
     with torch.no_grad():
         module.model.adapter.self_attn.o_proj.weight.fill_(float("nan"))
-    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, callbacks=[KangarooCheckpoint(every_n_train_steps=1)],
-                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                        callbacks=[KangarooCheckpoint(every_n_train_steps=1)],
+                        enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at global step 0"):
         trainer.fit(module, DataLoader(batches, batch_size=None))
     after = torch.load(last, weights_only=False)
