@@ -1,0 +1,374 @@
+"""The LightningDataModule: Dolly 15k instruction data or plain-text continuation data.
+
+Pipeline: read + validate rows (``rows.py``) -> tokenize with prompt masking and truncation
+(``tokenize.py``), through an on-disk cache (``cache.py``) -> split by source row, deterministically
+by seed -> batches from the length-grouped, resumable, self-sharding sampler (``sampler.py``) ->
+right-padded dict batches (``collate.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from kangaroo_lit.data.cache import (
+    cache_key,
+    cache_path,
+    default_cache_dir,
+    file_sha256,
+    load_cached,
+    save_cached,
+    tokenizer_fingerprint,
+)
+from kangaroo_lit.data.collate import Collator, resolve_pad_id
+from kangaroo_lit.data.dataset import TokenDataset, TokenizedRows
+from kangaroo_lit.data.rows import load_file_rows, load_hub_rows
+from kangaroo_lit.data.sampler import LengthGroupedBatchSampler
+from kangaroo_lit.data.tokenize import RowEncoder, TruncationStats
+
+log = logging.getLogger(__name__)
+
+DOLLY_HUB_NAME = "databricks/databricks-dolly-15k"
+
+
+def split_count(n: int, fraction: float) -> int:
+    """Rows of ``n`` that go to a held-out split: ``round(n * fraction)``, at least 1 when fraction > 0."""
+    return 0 if fraction <= 0 else max(1, round(n * fraction))
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Dolly-format instruction data (or plain text) for training drafts on a causal LM.
+
+    Batches are dicts of (B, T) int64 tensors: ``input_ids`` (right-padded), ``attention_mask``
+    (1 real, 0 pad) and ``labels`` (unshifted; -100 on prompt and padding positions).
+
+    After ``setup()``: ``tokenizer``, ``train_dataset``, ``val_dataset``, ``test_dataset``
+    (``TokenDataset``; the held-out ones may be empty), ``truncation_stats`` and ``pad_id``.
+
+    Multi-process training: the train sampler shards itself by ``trainer.world_size`` and
+    ``trainer.global_rank``; run the Trainer with ``use_distributed_sampler=False``.
+
+    Args:
+        tokenizer: Hugging Face tokenizer name or local path (``AutoTokenizer.from_pretrained``);
+            the CLI links it from the model's base model. Required by ``setup()``.
+        data_path: local data file: ``.jsonl`` or ``.json`` (a list of objects or JSON lines) of
+            Dolly rows; for ``format="text"`` a ``.jsonl``/``.json`` with a ``text`` field or a
+            ``.txt`` with documents separated by blank lines. None loads ``dataset_name`` from the Hub.
+        dataset_name: Hub dataset used when ``data_path`` is None (its ``train`` split).
+        format: ``dolly`` (instruction/context/response rows; the prompt is masked) or ``text``
+            (plain-text continuation: every token is a target, long documents chunked).
+        max_length: longest example in tokens; Dolly rows are cut (prompt first, from the left).
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size per device; None uses ``batch_size``.
+        val_fraction: fraction of rows held out for validation (>= 1 row when > 0).
+        test_fraction: fraction of rows held out for testing (>= 1 row when > 0).
+        seed: seed of the split and of the per-epoch batch order.
+        num_workers: dataloader worker processes (0 loads in the main process).
+        pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
+        use_chat_template: render Dolly rows with the tokenizer's chat template (user = instruction
+            + context, assistant = response); falls back to the plain template, with a warning,
+            when the tokenizer has none.
+        length_grouping: batch examples of similar length (less padding); False batches at random.
+        on_bad_row: ``error`` raises on malformed rows (listing file, line and field); ``skip``
+            drops them with a warning.
+        cache_dir: tokenization cache folder; None uses ``~/.cache/kangaroo_lit/tokenized``.
+        use_cache: read and write the tokenization cache; False always re-tokenizes.
+        max_rows: use only the first valid rows (quick runs); None uses all.
+        pad_to_multiple_of: pad the sequence length T of every batch to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        data_path: str | None = None,
+        dataset_name: str = DOLLY_HUB_NAME,
+        format: Literal["dolly", "text"] = "dolly",
+        max_length: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        seed: int = 42,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        use_chat_template: bool = False,
+        length_grouping: bool = True,
+        on_bad_row: Literal["error", "skip"] = "error",
+        cache_dir: str | None = None,
+        use_cache: bool = True,
+        max_rows: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
+        super().__init__()
+        if format not in ("dolly", "text"):
+            raise ValueError(f"format must be 'dolly' or 'text', got {format!r}")
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}"
+            )
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.data_path = data_path
+        self.dataset_name = dataset_name
+        self.data_format = format
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.use_chat_template = use_chat_template
+        self.length_grouping = length_grouping
+        self.on_bad_row = on_bad_row
+        self.cache_dir = cache_dir
+        self.use_cache = use_cache
+        self.max_rows = max_rows
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+        # A tokenizer object may be assigned before setup() (programmatic use); else it is loaded.
+        self.tokenizer = None
+        self.data: TokenizedRows | None = None
+        self.train_dataset: TokenDataset | None = None
+        self.val_dataset: TokenDataset | None = None
+        self.test_dataset: TokenDataset | None = None
+        self.truncation_stats: TruncationStats | None = None
+        self.pad_id: int | None = None
+        self.cache_file: str | None = None
+        self.loaded_from_cache = False
+        self._train_sampler: LengthGroupedBatchSampler | None = None
+        self._resume: tuple[int, int] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Loading
+
+    def prepare_data(self) -> None:
+        """Download the Hub dataset once per node (local files need nothing here)."""
+        if self.data_path is None:
+            from datasets import load_dataset
+
+            load_dataset(self.dataset_name, split="train")
+
+    def _load_tokenizer(self):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_name is None:
+            raise ValueError(
+                "InstructionDataModule needs a tokenizer: pass tokenizer=<HF name or local path> "
+                "(with the CLI it is linked from the model's base model)"
+            )
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_name)
+
+    def _load_rows(self) -> tuple[list[dict], dict]:
+        """Validated rows (first ``max_rows``) and the description of their source for the cache key."""
+        if self.data_path is not None:
+            rows = load_file_rows(self.data_path, self.data_format, self.on_bad_row)
+            source = {"file_sha256": file_sha256(self.data_path)}
+        else:
+            rows, fingerprint = load_hub_rows(self.dataset_name, self.data_format, self.on_bad_row)
+            source = {"hub": self.dataset_name, "split": "train", "fingerprint": fingerprint}
+        if self.max_rows is not None:
+            rows = rows[: self.max_rows]
+        return rows, {**source, "rows": len(rows), "max_rows": self.max_rows}
+
+    def _tokenize(self, rows: list[dict], source: dict) -> TokenizedRows:
+        encoder = RowEncoder(self.tokenizer, self.max_length, self.data_format, self.use_chat_template)
+        path = None
+        if self.use_cache:
+            key = cache_key(
+                tokenizer=tokenizer_fingerprint(self.tokenizer),
+                source=source,
+                encoder=encoder.describe(),
+            )
+            path = cache_path(self.cache_dir or default_cache_dir(), key)
+            self.cache_file = str(path)
+            cached = load_cached(path)
+            if cached is not None:
+                data, meta = cached
+                self.loaded_from_cache = True
+                self.truncation_stats = TruncationStats(**meta.get("stats", {}))
+                log.info("loaded %d rows (%d examples) from cache %s", len(rows), len(data), path)
+                if self.truncation_stats.rows:
+                    log.info(self.truncation_stats.summary(self.max_length))
+                return data
+        examples, stats = encoder.encode_rows(rows)
+        data = TokenizedRows.from_encoded(examples)
+        self.truncation_stats = stats
+        if path is not None:
+            save_cached(path, data, {"stats": stats.as_dict(), "source": source})
+        return data
+
+    def _split(self, data: TokenizedRows, n_rows: int) -> None:
+        """Assign whole source rows to test / val / train by a permutation seeded with ``seed``."""
+        n_val = split_count(n_rows, self.val_fraction)
+        n_test = split_count(n_rows, self.test_fraction)
+        if n_rows - n_val - n_test < 1:
+            raise ValueError(
+                f"{n_rows} rows are too few for val_fraction={self.val_fraction} and "
+                f"test_fraction={self.test_fraction}: no training row would be left"
+            )
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(self.seed))
+        split_of_row = torch.zeros(n_rows, dtype=torch.int64)  # 0 train, 1 val, 2 test
+        split_of_row[perm[:n_val]] = 1
+        split_of_row[perm[n_val : n_val + n_test]] = 2
+        split_of_example = split_of_row[data.row_ids]
+        self.train_dataset, self.val_dataset, self.test_dataset = (
+            TokenDataset(data, torch.nonzero(split_of_example == s).flatten()) for s in range(3)
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate, tokenize (through the cache) and split; done once, whatever the stage."""
+        if self.data is not None:
+            return
+        self.tokenizer = self._load_tokenizer()
+        self.pad_id = resolve_pad_id(self.tokenizer)
+        rows, source = self._load_rows()
+        data = self._tokenize(rows, source)
+        if len(data) == 0:
+            raise ValueError("tokenization produced no examples; nothing to train on")
+        self._split(data, len(rows))
+        self.data = data
+        log.info(
+            "data: %d train / %d val / %d test examples (format=%s, max_length=%d)",
+            len(self.train_dataset),
+            len(self.val_dataset),
+            len(self.test_dataset),
+            self.data_format,
+            self.max_length,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Dataloaders
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            # Lightning would otherwise try to wrap our batch sampler around a DistributedSampler,
+            # which this sampler cannot take: it shards by itself.
+            raise ValueError(
+                "InstructionDataModule shards batches itself: run the Trainer with "
+                "use_distributed_sampler=False (--trainer.use_distributed_sampler false)"
+            )
+        return world, rank
+
+    def _loader(self, dataset: TokenDataset, sampler: LengthGroupedBatchSampler) -> DataLoader:
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=Collator(self.pad_id, self.pad_to_multiple_of),
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _require_setup(self) -> None:
+        if self.data is None:
+            raise RuntimeError("call setup() before requesting dataloaders")
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, length-grouped (unless disabled), sharded by rank, resumable mid-epoch."""
+        self._require_setup()
+        replicas, rank = self._replicas()
+        previous = self._train_sampler
+        if self._resume is not None and previous is not None and previous.pending_start is None:
+            self._resume = None  # the previous sampler already used (or outlived) the resume position
+        sampler = LengthGroupedBatchSampler(
+            self.train_dataset.lengths,
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
+            group_by_length=self.length_grouping,
+        )
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        self._train_sampler = sampler
+        self._apply_resume()
+        return self._loader(self.train_dataset, sampler)
+
+    def _eval_loader(self, dataset: TokenDataset) -> DataLoader | list:
+        self._require_setup()
+        if len(dataset) == 0:
+            return []  # Lightning skips a stage whose loaders are an empty list
+        replicas, rank = self._replicas()
+        # No shuffle; one global sort by length (longest first) for the least padding, and an
+        # early out-of-memory rather than a late one.
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths,
+            self.eval_batch_size,
+            shuffle=False,
+            num_replicas=replicas,
+            rank=rank,
+            mega_batch_mult=-(-len(dataset) // self.eval_batch_size),
+        )
+        return self._loader(dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Deterministic, sorted by length; an empty list when ``val_fraction`` is 0.
+
+        With several ranks each evaluates a disjoint share, padded to equal batch counts by
+        repeating batches (as Lightning's ``DistributedSampler`` would).
+        """
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Deterministic, sorted by length; an empty list when ``test_fraction`` is 0."""
+        return self._eval_loader(self.test_dataset)
+
+    # ----------------------------------------------------------------------------------------------
+    # Resume
+
+    @property
+    def train_sampler(self) -> LengthGroupedBatchSampler | None:
+        """The sampler of the last ``train_dataloader()``, or None before one was built."""
+        return self._train_sampler
+
+    def set_resume_position(self, epoch: int, batches_done: int) -> None:
+        """Resume mid-epoch: the next pass over ``epoch`` skips its first ``batches_done`` batches.
+
+        Called by the training module when it restores a checkpoint (before or after the train
+        dataloader is built). ``batches_done`` counts this rank's batches, i.e. the trainer's batch
+        index within the epoch, so the skipped batches are exactly those already trained on. With
+        Lightning's checkpoint loops (tested, see ``tests/test_data_datamodule.py``)::
+
+            loops = checkpoint["loops"]["fit_loop"]  # in on_load_checkpoint
+            epoch = loops["epoch_progress"]["current"]["processed"]
+            batches_done = loops["epoch_loop.batch_progress"]["current"]["processed"]
+            # then, e.g. in on_fit_start: trainer.datamodule.set_resume_position(epoch, batches_done)
+
+        The train dataloader keeps reporting a full epoch's length: Lightning's restored progress
+        starts at ``batches_done`` and counts up to it.
+        """
+        if epoch < 0 or batches_done < 0:
+            raise ValueError(f"epoch and batches_done must be >= 0, got {epoch}, {batches_done}")
+        self._resume = (int(epoch), int(batches_done))
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        # Kept (not cleared) until a sampler has consumed it, so that a train dataloader rebuilt
+        # before the resumed epoch starts still skips the done batches.
+        if self._resume is not None and self._train_sampler is not None:
+            epoch, k = self._resume
+            self._train_sampler.set_start_batch(k, epoch=epoch)
