@@ -24,6 +24,10 @@ from kangaroo_lit.model import LLAMA_TARGET_MODULES, KangarooModel, LoraSettings
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not belong to this model configuration (other base, exit layer, LoRA, ...)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite; nothing is saved over the last good checkpoint."""
 
@@ -105,6 +109,8 @@ class KangarooLitModule(L.LightningModule):
             raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), got {lora_rank}")
         resolve_dtype(dtype)  # fail at construction on a bad dtype name, not after loading
         self.model: KangarooModel | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._resume_position: tuple[int, int] | None = None
         # Frozen base weights are not in checkpoints; loading must not demand them.
         self.strict_loading = False
         self._metrics: dict[str, torch.nn.ModuleDict] = {}
@@ -256,3 +262,70 @@ class KangarooLitModule(L.LightningModule):
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["kangaroo_structure"] = {k: self.hparams[k] for k in STRUCTURAL_HPARAMS}
+        checkpoint["kangaroo_rng"] = _get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another configuration; prepare an exact mid-epoch resume.
+
+        Raises:
+            CheckpointMismatchError: listing every structural argument and tensor key that differs.
+        """
+        problems = []
+        saved = checkpoint.get("kangaroo_structure")
+        if saved is not None:
+            for key in STRUCTURAL_HPARAMS:
+                if key in saved and _plain(saved[key]) != _plain(self.hparams[key]):
+                    problems.append(f"{key}: checkpoint {saved[key]!r}, this model {self.hparams[key]!r}")
+        expected = self.trainable_state_keys()
+        got = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != got[k])
+        for label, keys in (("missing from checkpoint", missing), ("not in this model", unexpected)):
+            if keys:
+                more = " ..." if len(keys) > 8 else ""
+                problems.append(f"{len(keys)} tensor(s) {label}: {', '.join(keys[:8])}{more}")
+        for k in reshaped[:8]:
+            problems.append(f"shape of {k}: checkpoint {got[k]}, this model {tuple(expected[k])}")
+        if problems:
+            raise CheckpointMismatchError(
+                "checkpoint does not match this model configuration:\n  " + "\n  ".join(problems)
+            )
+        self._resume_rng = checkpoint.get("kangaroo_rng")
+        loops = checkpoint.get("loops", {}).get("fit_loop")
+        if loops:
+            epoch = loops["epoch_progress"]["current"]["processed"]
+            batches_done = loops["epoch_loop.batch_progress"]["current"]["processed"]
+            self._resume_position = (int(epoch), int(batches_done))
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self._resume_position is not None and hasattr(datamodule, "set_resume_position"):
+            datamodule.set_resume_position(*self._resume_position)
+        self._resume_position = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restore the RNG right before the first resumed step, so LoRA dropout draws the same masks
+        # as the uninterrupted run whatever happened in between (sanity checks, loader start-up).
+        if self._resume_rng is not None:
+            _set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _get_rng_state() -> dict[str, Any]:
+    # Only torch's generators: they drive LoRA dropout; tensors keep the checkpoint loadable with
+    # ``torch.load(weights_only=True)``.
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -29,6 +29,7 @@ from kangaroo_lit.data.dataset import TokenDataset, TokenizedRows
 from kangaroo_lit.data.rows import load_file_rows, load_hub_rows
 from kangaroo_lit.data.sampler import LengthGroupedBatchSampler
 from kangaroo_lit.data.tokenize import RowEncoder, TruncationStats
+from kangaroo_lit.embedded import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,14 @@ class InstructionDataModule(L.LightningDataModule):
             )
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return AutoTokenizer.from_pretrained(resolve_path(self.tokenizer_name))
 
     def _load_rows(self) -> tuple[list[dict], dict]:
         """Validated rows (first ``max_rows``) and the description of their source for the cache key."""
         if self.data_path is not None:
-            rows = load_file_rows(self.data_path, self.data_format, self.on_bad_row)
-            source = {"file_sha256": file_sha256(self.data_path)}
+            data_path = resolve_path(self.data_path)
+            rows = load_file_rows(data_path, self.data_format, self.on_bad_row)
+            source = {"file_sha256": file_sha256(data_path)}
         else:
             rows, fingerprint = load_hub_rows(self.dataset_name, self.data_format, self.on_bad_row)
             source = {"hub": self.dataset_name, "split": "train", "fingerprint": fingerprint}
