@@ -57,7 +57,8 @@ class KangarooLitModule(L.LightningModule):
         lora_rank: LoRA rank on layers ``0..exit_layer``; 0 turns LoRA off (pure Kangaroo).
         lora_alpha: LoRA scaling numerator (scale = alpha / rank).
         lora_dropout: dropout on the LoRA input.
-        lora_target_modules: module names LoRA wraps (Llama names by default).
+        lora_target_modules: module names LoRA wraps; None = q/k/v/o/gate/up/down_proj (the names in
+            Llama, Mistral, Qwen2 and Qwen3).
         lora_scope: ``draft`` (LoRA only on the draft path; the verifier stays the untouched base) or
             ``shared`` (LoRA in both paths, the original SGP code; lossless only w.r.t. the merged model).
         exit_head: ``shared`` (the frozen ``lm_head``, Kangaroo) or ``trainable`` (a copy that trains).
@@ -100,8 +101,6 @@ class KangarooLitModule(L.LightningModule):
         max_new_tokens: int = 128,
     ) -> None:
         super().__init__()
-        if lora_target_modules is None:
-            lora_target_modules = list(LLAMA_TARGET_MODULES)
         self.save_hyperparameters()
         if beta_exit < 0:
             raise ValueError(f"beta_exit must be >= 0, got {beta_exit}")
@@ -138,10 +137,16 @@ class KangarooLitModule(L.LightningModule):
                 rank=hp.lora_rank,
                 alpha=hp.lora_alpha,
                 dropout=hp.lora_dropout,
-                target_modules=list(hp.lora_target_modules),
+                target_modules=self.lora_targets,
                 scope=hp.lora_scope,
             )
         self.model = KangarooModel(base, hp.exit_layer, lora=lora, exit_head=hp.exit_head)
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """LoRA target module names (None in the hyperparameters means the Llama names)."""
+        targets = self.hparams.lora_target_modules
+        return list(targets) if targets else list(LLAMA_TARGET_MODULES)
 
     def trainable_state_keys(self) -> dict[str, torch.Size]:
         """Checkpoint keys (``model.``-prefixed) and shapes of the trainable tensors."""
@@ -261,8 +266,14 @@ class KangarooLitModule(L.LightningModule):
         """Keep only trainable tensors, and record the structure they belong to."""
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["kangaroo_structure"] = {k: self.hparams[k] for k in STRUCTURAL_HPARAMS}
+        checkpoint["kangaroo_structure"] = self.structure()
         checkpoint["kangaroo_rng"] = _get_rng_state()
+
+    def structure(self) -> dict[str, Any]:
+        """The structural hyperparameters, LoRA targets resolved (what a checkpoint must match)."""
+        values = {k: self.hparams[k] for k in STRUCTURAL_HPARAMS}
+        values["lora_target_modules"] = self.lora_targets if self.hparams.lora_rank > 0 else None
+        return values
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another configuration; prepare an exact mid-epoch resume.
@@ -273,9 +284,10 @@ class KangarooLitModule(L.LightningModule):
         problems = []
         saved = checkpoint.get("kangaroo_structure")
         if saved is not None:
+            current = self.structure()
             for key in STRUCTURAL_HPARAMS:
-                if key in saved and _plain(saved[key]) != _plain(self.hparams[key]):
-                    problems.append(f"{key}: checkpoint {saved[key]!r}, this model {self.hparams[key]!r}")
+                if key in saved and _plain(saved[key]) != _plain(current[key]):
+                    problems.append(f"{key}: checkpoint {saved[key]!r}, this model {current[key]!r}")
         expected = self.trainable_state_keys()
         got = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
         missing = sorted(set(expected) - set(got))

@@ -133,3 +133,45 @@ def test_checkpoint_holds_only_trainable_tensors(tiny_llama_dir, tmp_path):
     assert not any(t.data_ptr() in base_tensors for t in ckpt["state_dict"].values())
     assert not any("embed_tokens" in k or "mlp" in k and "lora" not in k for k in keys)
     assert ckpt["kangaroo_structure"]["exit_layer"] == 1
+
+
+class WriteFailure(Exception):
+    pass
+
+
+def _fail_midway(trainer, monkeypatch):
+    """Make the next checkpoint write produce half a file and then raise."""
+    io = trainer.strategy.checkpoint_io
+
+    def broken_save(checkpoint, path, storage_options=None):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise WriteFailure("disk full")
+
+    monkeypatch.setattr(io, "save_checkpoint", broken_save)
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_failed_checkpoint_write_keeps_previous_last(tiny_llama_dir, tmp_path, monkeypatch, atomic):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = make_module(tiny_llama_dir)
+    ckpt_dir = tmp_path / "checkpoints"
+    callback = (KangarooCheckpoint(every_n_train_steps=1) if atomic
+                else ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True, save_top_k=0))
+
+    class FailAtStep3(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                _fail_midway(trainer, monkeypatch)
+
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                        callbacks=[FailAtStep3(), callback], enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(WriteFailure):
+        trainer.fit(module, DataLoader(toy_batches(6), batch_size=None))
+    last = ckpt_dir / "last.ckpt"
+    if atomic:
+        assert torch.load(last, weights_only=True)["global_step"] == 2  # intact and loadable
+    else:  # the plain callback shows what the atomic write protects against
+        with pytest.raises(Exception):  # noqa: B017
+            torch.load(last, weights_only=True)

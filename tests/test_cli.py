@@ -1,0 +1,101 @@
+"""Every config parses and runs (fast_dev_run, tiny model and CPU substituted); --print_config round-trips."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kangaroo_lit.cli import main, run_lightning
+from kangaroo_lit.embedded import ASSETS_DIR
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+OVERLAYS = {"joint.yaml"}  # applied on top of another config
+DOLLY_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "dolly-tiny.jsonl"
+
+
+def cpu_overrides(tmp_path, model_dir):
+    """What makes a GPU/Hub config run here: the tiny model, local data, CPU fp32, tmp dirs."""
+    return [
+        "--model.base_model", str(model_dir), "--model.exit_layer", "1", "--model.dtype", "float32",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+        "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--data.data_path", str(DOLLY_FIXTURE), "--data.num_workers", "0", "--data.batch_size", "2",
+        "--data.cache_dir", str(tmp_path / "cache"), "--data.max_length", "128",
+    ]
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "llama2-7b-sgp.yaml", "sgp.yaml", "kangaroo.yaml", "joint.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OVERLAYS], ids=lambda p: p.name)
+def test_every_config_runs_fast_dev_run(config, tmp_path, tiny_llama_dir):
+    cli = run_lightning(["fit", "--config", str(config), *cpu_overrides(tmp_path, tiny_llama_dir)])
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
+    # the config's meaning survives the substitutions
+    original = yaml.safe_load(config.read_text())["model"]
+    for key in ("lora_scope", "lora_rank", "exit_loss", "beta_exit", "detach_exit"):
+        if key in original:
+            assert cli.model.hparams[key] == original[key]
+
+
+def test_joint_overlay_turns_detach_off(tmp_path, tiny_llama_dir):
+    cli = run_lightning(["fit", "--config", str(REPO_ROOT / "configs/llama2-7b-sgp.yaml"),
+                         "--config", str(REPO_ROOT / "configs/joint.yaml"), *cpu_overrides(tmp_path, tiny_llama_dir)])
+    assert cli.model.hparams.detach_exit is False
+    assert cli.model.hparams.lora_scope == "shared"
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    config = REPO_ROOT / "configs" / "llama2-7b-sgp.yaml"
+    with pytest.raises(SystemExit):
+        run_lightning(["fit", "--config", str(config), "--model.exit_layer", "5", "--print_config"])
+    printed = capsys.readouterr().out
+    dumped = tmp_path / "printed.yaml"
+    dumped.write_text(printed)
+    with pytest.raises(SystemExit):
+        run_lightning(["fit", "--config", str(dumped), "--print_config"])
+    again = capsys.readouterr().out
+    assert yaml.safe_load(again) == yaml.safe_load(printed)
+    parsed = yaml.safe_load(printed)
+    assert parsed["model"]["exit_layer"] == 5
+
+
+@pytest.mark.skipif(not (ASSETS_DIR / "tiny-llama").is_dir(), reason="embedded model not built")
+def test_console_script_fit_on_the_embedded_default(tmp_path):
+    """The README's main job through the installed entry point (shortened to a few steps)."""
+    cmd = [sys.executable, "-m", "kangaroo_lit", "fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"),
+           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--data.cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    logs = list(Path(tmp_path).rglob("metrics.csv"))
+    assert logs and "val/expected_accept" in logs[0].read_text()
+    assert list(Path(tmp_path).rglob("run_info.json")) and list(Path(tmp_path).rglob("config.yaml"))
+
+
+def test_resume_cli_reports_disagreeing_arguments(tmp_path, tiny_llama_dir, capsys):
+    args = ["fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"), *cpu_overrides(tmp_path, tiny_llama_dir)]
+    args[args.index("--trainer.fast_dev_run") + 1] = "false"
+    args += ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    run_lightning(args)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    code = main([*args, "--model.exit_layer", "2", "--model.beta_exit", "0.3", "--ckpt_path", str(last)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.exit_layer: checkpoint has 1, this run asks for 2" in err
+    assert "model.beta_exit: checkpoint has 0.7, this run asks for 0.3" in err
+
+
+def test_usage_without_arguments(capsys):
+    assert main([]) == 2
+    assert "kangaroo-lit {fit,validate,test,predict}" in capsys.readouterr().out
