@@ -62,7 +62,8 @@ class KangarooLitModule(L.LightningModule):
         lora_scope: ``draft`` (LoRA only on the draft path; the verifier stays the untouched base) or
             ``shared`` (LoRA in both paths, the original SGP code; lossless only w.r.t. the merged model).
         exit_head: ``shared`` (the frozen ``lm_head``, Kangaroo) or ``trainable`` (a copy that trains).
-        beta_exit: weight of the exit loss.
+        beta_exit: weight of the exit loss. 0 (with ``detach_exit: false``) skips the draft path in
+            training: plain LoRA fine-tuning of layers ``0..exit_layer``, the benchmark's baseline.
         exit_loss: ``ce`` (labels), ``kd`` (distil the full path, what Kangaroo trains with) or ``mix``.
         kd_weight: weight of ``kd`` within ``mix``.
         detach_exit: SGP. The deep layers get a detached input and run under ``no_grad``; False is the
@@ -104,6 +105,11 @@ class KangarooLitModule(L.LightningModule):
         self.save_hyperparameters()
         if beta_exit < 0:
             raise ValueError(f"beta_exit must be >= 0, got {beta_exit}")
+        if beta_exit == 0 and detach_exit:
+            raise ValueError(
+                "beta_exit=0 with detach_exit=true trains nothing (loss_main reaches no trainable weight); "
+                "use detach_exit=false for plain LoRA fine-tuning, or beta_exit > 0"
+            )
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), got {lora_rank}")
         resolve_dtype(dtype)  # fail at construction on a bad dtype name, not after loading
@@ -154,7 +160,12 @@ class KangarooLitModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor]):
-        out = self.model(batch["input_ids"], batch.get("attention_mask"), detach_exit=self.hparams.detach_exit)
+        out = self.model(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            detach_exit=self.hparams.detach_exit,
+            compute_exit=self.hparams.beta_exit > 0 or not self.training,
+        )
         return sgp_loss(
             out.main_logits,
             out.exit_logits,
@@ -165,7 +176,7 @@ class KangarooLitModule(L.LightningModule):
         ), out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        terms, _ = self._step(batch)
+        terms, out = self._step(batch)
         if not torch.isfinite(terms.loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({terms.loss.item()}: loss_main={terms.loss_main.item()}, "
@@ -178,9 +189,10 @@ class KangarooLitModule(L.LightningModule):
         log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", terms.loss, prog_bar=True, **log)
         self.log("train/loss_main", terms.loss_main, **log)
-        self.log("train/loss_exit", terms.loss_exit, **log)
-        self.log("train/expected_accept", terms.expected_accept, prog_bar=True, **log)
-        self.log("train/top1_agree", terms.top1_agree, **log)
+        if out.exit_logits is not None:
+            self.log("train/loss_exit", terms.loss_exit, **log)
+            self.log("train/expected_accept", terms.expected_accept, prog_bar=True, **log)
+            self.log("train/top1_agree", terms.top1_agree, **log)
         if "attention_mask" in batch:
             self.log("train/padding_fraction", 1.0 - batch["attention_mask"].float().mean(), **log)
         self.log("train/tokens", terms.num_tokens.float(), reduce_fx="sum", **log)

@@ -64,16 +64,21 @@ def sgp_loss(
 
     Args:
         main_logits: (B, T, V) full-path logits.
-        exit_logits: (B, T, V) draft-path logits.
+        exit_logits: (B, T, V) draft-path logits, or None when no draft path was run (then
+            ``loss = loss_main`` and the draft metrics are NaN).
         labels: (B, T) token ids, -100 where no loss is taken (unshifted).
         exit_loss: ``ce`` (cross-entropy on the labels), ``kd`` (distillation to the full path) or
             ``mix`` (``kd_weight * kd + (1 - kd_weight) * ce``).
     """
     main, targets = next_token_targets(main_logits, labels)
-    draft, _ = next_token_targets(exit_logits, labels)
     if targets.numel() == 0:
         raise ValueError("batch has no target tokens (every label is -100): check the data's prompt masking")
     loss_main = F.cross_entropy(main, targets)
+    if exit_logits is None:  # plain LoRA fine-tuning: no draft path at all
+        nan = torch.full((), float("nan"), device=main.device)
+        return LossTerms(loss=loss_main, loss_main=loss_main, loss_exit=nan, expected_accept=nan,
+                         top1_agree=nan, num_tokens=torch.tensor(targets.numel(), device=targets.device))
+    draft, _ = next_token_targets(exit_logits, labels)
     if exit_loss == "ce":
         loss_exit = F.cross_entropy(draft, targets)
     elif exit_loss == "kd":

@@ -47,7 +47,7 @@ class TwoPathOutput:
     """Logits of both paths over the same positions: each (B, T, V)."""
 
     main_logits: torch.Tensor
-    exit_logits: torch.Tensor
+    exit_logits: torch.Tensor | None
 
 
 def causal_attention_mask(
@@ -334,6 +334,7 @@ class KangarooModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         detach_exit: bool = True,
+        compute_exit: bool = True,
     ) -> TwoPathOutput:
         """Both paths over a right-padded batch.
 
@@ -342,6 +343,8 @@ class KangarooModel(nn.Module):
             attention_mask: (B, T), 1 for real tokens; padding must be on the right.
             detach_exit: SGP. The full path gets a detached shallow state and runs its deep layers
                 under ``no_grad``, so ``loss_main`` reaches no trainable weight and keeps no activations.
+            compute_exit: False skips adapter and exit head (``exit_logits`` is None): plain LoRA
+                fine-tuning of the shallow layers, the baseline of the training benchmark.
 
         Returns:
             :class:`TwoPathOutput` with (B, T, V) ``main_logits`` and ``exit_logits``.
@@ -352,7 +355,7 @@ class KangarooModel(nn.Module):
         # padding mask is not needed (and SDPA keeps its fused causal kernel).
         hidden = self.embed(input_ids)
         draft_shallow = self.shallow(hidden, position_ids, draft=True)
-        exit_logits = self.draft_logits(draft_shallow, position_ids)
+        exit_logits = self.draft_logits(draft_shallow, position_ids) if compute_exit else None
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_exit):
             if self.shallow_is_shared:
