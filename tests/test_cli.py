@@ -99,3 +99,13 @@ def test_resume_cli_reports_disagreeing_arguments(tmp_path, tiny_llama_dir, caps
 def test_usage_without_arguments(capsys):
     assert main([]) == 2
     assert "kangaroo-lit {fit,validate,test,predict}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overlay", sorted((REPO_ROOT / "callbacks").glob("*.yaml")), ids=lambda p: p.name)
+def test_callback_overlays_run(overlay, tmp_path, tiny_llama_dir):
+    cli = run_lightning(["fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"), "--config", str(overlay),
+                         *cpu_overrides(tmp_path, tiny_llama_dir)])
+    wanted = yaml.safe_load(overlay.read_text())["trainer"]["callbacks+"]
+    names = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {w["class_path"].rsplit(".", 1)[1] for w in wanted} <= names
+    assert "RunInfoCallback" in names and "KangarooCheckpoint" in names
