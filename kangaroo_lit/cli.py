@@ -18,7 +18,9 @@ from kangaroo_lit.lit_module import KangarooLitModule
 from kangaroo_lit.run_info import RunInfoCallback
 
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
-OWN_SUBCOMMANDS: dict[str, str] = {}
+OWN_SUBCOMMANDS: dict[str, str] = {
+    "export": "kangaroo_lit.cli_export:main",
+}
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 

@@ -280,6 +280,11 @@ class KangarooLitModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["kangaroo_structure"] = self.structure()
         checkpoint["kangaroo_rng"] = _get_rng_state()
+        # The latest validation figures travel with the checkpoint into the exported model card.
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        checkpoint["kangaroo_metrics"] = {
+            k: float(v) for k, v in metrics.items() if k.startswith("val/") and v.numel() == 1
+        }
 
     def structure(self) -> dict[str, Any]:
         """The structural hyperparameters, LoRA targets resolved (what a checkpoint must match)."""
