@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from kangaroo_lit.callbacks import JsonlPredictionWriter
 from kangaroo_lit.checkpointing import KangarooCheckpoint
-from kangaroo_lit.lit_module import KangarooLitModule
+from kangaroo_lit.lit_module import STRUCTURAL_HPARAMS, KangarooLitModule
 from kangaroo_lit.run_info import RunInfoCallback
 
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
@@ -22,6 +23,8 @@ OWN_SUBCOMMANDS: dict[str, str] = {
     "export": "kangaroo_lit.cli_export:main",
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Model arguments that only affect decoding (predict, decode callbacks): never a conflict on resume.
+DECODING_HPARAMS = ("max_new_tokens", "threshold", "max_draft", "temperature")
 
 
 class CheckpointConfigMismatch(ValueError):
@@ -47,8 +50,9 @@ class KangarooCLI(LightningCLI):
 
         Lightning's default re-parses the checkpoint's hyperparameters over the command line. Here,
         a model argument left at its default takes the checkpoint's value (so ``--ckpt_path`` alone
-        resumes the same model), but one set to something else that disagrees with the checkpoint
-        is an error listing every such argument.
+        resumes the same model); one set to something else that disagrees with the checkpoint is an
+        error listing every such argument, except decoding settings (and, outside ``fit``, anything
+        that leaves the model's structure alone), which the command line may change.
         """
         if not self.config.get("subcommand"):
             return
@@ -83,6 +87,10 @@ class KangarooCLI(LightningCLI):
                 continue
             if key in defaults and _normalise(value) == _normalise(defaults[key]):
                 adopt[key] = saved_value
+            elif key in DECODING_HPARAMS or (sub != "fit" and key not in STRUCTURAL_HPARAMS):
+                # Free to change: decoding settings always; outside fit, anything that does not change
+                # the model's structure. The command line wins, said out loud.
+                print(f"note: model.{key}={value!r} (checkpoint has {saved_value!r})", file=sys.stderr)
             else:
                 conflicts.append(f"  model.{key}: checkpoint has {saved_value!r}, this run asks for {value!r}")
         if conflicts:
@@ -107,7 +115,7 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> KangarooCL
         run=run,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "callbacks": [RunInfoCallback()],
+            "callbacks": [RunInfoCallback(), JsonlPredictionWriter()],
             # The data module's batch sampler shards batches across ranks itself.
             "use_distributed_sampler": False,
         },

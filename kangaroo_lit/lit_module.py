@@ -75,6 +75,9 @@ class KangarooLitModule(L.LightningModule):
         lr_schedule: after warm-up: ``cosine`` decay to ``min_lr_ratio * lr``, ``linear``, or ``constant``.
         min_lr_ratio: floor of the decayed learning rate, as a fraction of the peak.
         max_new_tokens: tokens to generate per prompt in ``predict``.
+        threshold: decoding: a draft whose top-1 probability is below this ends the round (Kangaroo: 0.6).
+        max_draft: decoding: most tokens drafted per round (Kangaroo: 6).
+        temperature: decoding in ``predict``: 0 = greedy, else lossless speculative sampling.
     """
 
     def __init__(
@@ -100,6 +103,9 @@ class KangarooLitModule(L.LightningModule):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 128,
+        threshold: float = 0.6,
+        max_draft: int = 6,
+        temperature: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -241,6 +247,29 @@ class KangarooLitModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Decode one prompt with the self-speculative decoder; returns the response and its statistics."""
+        from kangaroo_lit.decoding import SelfSpeculativeDecoder
+
+        hp = self.hparams
+        tokenizer = self.trainer.datamodule.tokenizer
+        decoder = SelfSpeculativeDecoder(self.model, threshold=hp.threshold, max_draft=hp.max_draft)
+        result = decoder.generate(
+            batch["input_ids"].to(self.device),
+            max_new_tokens=hp.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            temperature=hp.temperature,
+        )
+        return {
+            "index": int(batch["index"]),
+            "prompt": batch["prompt"],
+            "response": tokenizer.decode(result.tokens, skip_special_tokens=True),
+            "new_tokens": result.new_tokens,
+            "mat": result.mat,
+            "accept_rate": result.accept_rate,
+            "tokens_per_s": result.tokens_per_s,
+        }
 
     # ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -109,3 +109,35 @@ def test_callback_overlays_run(overlay, tmp_path, tiny_llama_dir):
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
     assert {w["class_path"].rsplit(".", 1)[1] for w in wanted} <= names
     assert "RunInfoCallback" in names and "KangarooCheckpoint" in names
+
+
+def test_predict_decodes_prompts_losslessly(tmp_path, tiny_llama_dir):
+    """predict with a trained checkpoint writes the verifier's own greedy output for every prompt."""
+    import json
+
+    import torch
+
+    from kangaroo_lit.artifact import export_checkpoint, load_artifact
+    from kangaroo_lit.decoding import VanillaDecoder
+
+    args = ["--config", str(REPO_ROOT / "configs/tiny.yaml"), *cpu_overrides(tmp_path, tiny_llama_dir)]
+    args[args.index("--trainer.fast_dev_run") + 1] = "false"
+    run_lightning(["fit", *args, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Name a colour."}\n{"prompt": "Once upon a time"}\n')
+    out = tmp_path / "preds.jsonl"
+    run_lightning(["predict", *args, "--data.predict_path", str(prompts), "--model.max_new_tokens", "12",
+                   "--ckpt_path", str(ckpt), "--trainer.callbacks+=kangaroo_lit.callbacks.JsonlPredictionWriter",
+                   "--trainer.callbacks.output_path", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(r["new_tokens"] > 0 for r in rows)
+    model = load_artifact(export_checkpoint(ckpt, tmp_path / "art"), dtype="float32")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt").input_ids
+        expected = VanillaDecoder(model).generate(ids, 12, tok.eos_token_id).tokens
+        assert row["response"] == tok.decode(expected, skip_special_tokens=True)
+        assert torch.isfinite(torch.tensor(row["mat"])) and row["mat"] >= 1.0

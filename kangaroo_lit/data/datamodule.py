@@ -80,6 +80,8 @@ class InstructionDataModule(L.LightningDataModule):
         use_cache: read and write the tokenization cache; False always re-tokenizes.
         max_rows: use only the first valid rows (quick runs); None uses all.
         pad_to_multiple_of: pad the sequence length T of every batch to a multiple of this.
+        predict_path: prompts for ``predict`` (``.txt`` one per line, or JSONL/JSON rows with
+            ``prompt`` or ``instruction``/``context``; see ``kangaroo_lit.data.prompt_file``).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class InstructionDataModule(L.LightningDataModule):
         use_cache: bool = True,
         max_rows: int | None = None,
         pad_to_multiple_of: int | None = None,
+        predict_path: str | None = None,
     ):
         super().__init__()
         if format not in ("dolly", "text"):
@@ -141,6 +144,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.use_cache = use_cache
         self.max_rows = max_rows
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.predict_path = predict_path
 
         # A tokenizer object may be assigned before setup() (programmatic use); else it is loaded.
         self.tokenizer = None
@@ -236,7 +240,13 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, validate, tokenize (through the cache) and split; done once, whatever the stage."""
+        """Load, validate, tokenize (through the cache) and split; done once, whatever the stage.
+
+        ``predict`` needs only the tokenizer and the prompt file, not the training data.
+        """
+        if stage == "predict":
+            self.tokenizer = self._load_tokenizer()
+            return
         if self.data is not None:
             return
         self.tokenizer = self._load_tokenizer()
@@ -338,6 +348,22 @@ class InstructionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """Deterministic, sorted by length; an empty list when ``test_fraction`` is 0."""
         return self._eval_loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt at a time (the decoder runs at batch size 1): dicts with ``index``, ``prompt``
+        (the rendered text) and ``input_ids`` (1, T)."""
+        from kangaroo_lit.data.prompt_file import load_prompts, render_prompt
+
+        if self.predict_path is None:
+            raise ValueError("predict needs prompts: pass --data.predict_path <file> (.txt, .jsonl or .json)")
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        items = []
+        for index, entry in enumerate(load_prompts(resolve_path(self.predict_path))):
+            prompt = render_prompt(entry, self.tokenizer, self.use_chat_template)
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+            items.append({"index": index, "prompt": prompt, "input_ids": ids})
+        return DataLoader(items, batch_size=None, shuffle=False)
 
     # ----------------------------------------------------------------------------------------------
     # Resume
