@@ -21,6 +21,7 @@ from kangaroo_lit.run_info import RunInfoCallback
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
 OWN_SUBCOMMANDS: dict[str, str] = {
     "export": "kangaroo_lit.cli_export:main",
+    "generate": "kangaroo_lit.cli_generate:main",
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model arguments that only affect decoding (predict, decode callbacks): never a conflict on resume.

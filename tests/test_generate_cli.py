@@ -1,0 +1,62 @@
+"""``kangaroo-lit generate``: JSON output parsed, text equals the verifier's greedy output."""
+
+import json
+
+import torch
+from transformers import AutoTokenizer
+
+from kangaroo_lit.cli import main
+from kangaroo_lit.decoding import VanillaDecoder
+from tests.test_artifact import trained_checkpoint
+
+KEYS = {"text", "new_tokens", "wall_time_s", "tokens_per_s", "decoding_steps", "accept_lengths", "mat", "accept_rate"}
+
+
+def test_generate_json_from_an_artifact(tiny_llama_dir, tmp_path, capsys):
+    _, ckpt = trained_checkpoint(tiny_llama_dir, tmp_path, lora_scope="draft")
+    art = tmp_path / "art"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(art)]) == 0
+    capsys.readouterr()
+    code = main(["generate", "--artifact", str(art), "--prompt", "What is 2 plus 3?", "--format", "instruction",
+                 "--max-new-tokens", "16", "--compare-vanilla", "--json", "--dtype", "float64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(out)  # stdout holds exactly one JSON object
+    assert KEYS | {"vanilla_tokens_per_s", "speedup", "identical"} <= set(data)
+    assert data["identical"] is True
+    assert sum(data["accept_lengths"]) == data["new_tokens"] == 16
+    assert data["accept_lengths"][0] == 1 and len(data["accept_lengths"]) == data["decoding_steps"]
+    assert data["mat"] == data["new_tokens"] / data["decoding_steps"]
+    assert 0.0 <= data["accept_rate"] <= 1.0
+
+
+def test_generate_streams_text_and_summary(tiny_llama_dir, capsys):
+    code = main(["generate", "--model", str(tiny_llama_dir), "--exit-layer", "1", "--prompt", "hello",
+                 "--max-new-tokens", "10", "--dtype", "float64"])
+    captured = capsys.readouterr()
+    assert code == 0
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    from kangaroo_lit.architectures import load_base_model
+    from kangaroo_lit.model import KangarooModel
+
+    model = KangarooModel(load_base_model(str(tiny_llama_dir), "float64"), 1, trainable_dtype=torch.float64).eval()
+    expected = VanillaDecoder(model).generate(tok("hello", return_tensors="pt").input_ids, 10, tok.eos_token_id)
+    assert captured.out == tok.decode(expected.tokens, skip_special_tokens=True) + "\n"
+    assert "tokens/s, MAT" in captured.err
+
+
+def test_generate_sampling_json_has_null_identical(tiny_llama_dir, capsys):
+    code = main(["generate", "--model", str(tiny_llama_dir), "--exit-layer", "1", "--prompt", "hi",
+                 "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--compare-vanilla", "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["identical"] is None
+
+
+def test_generate_errors_are_clear(tiny_llama_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_llama_dir), "--prompt", "x"]) == 2
+    assert "--model needs --exit-layer" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_llama_dir), "--exit-layer", "1", "--prompt", "x " * 600,
+                 "--max-new-tokens", "8"]) == 2
+    assert "512" in capsys.readouterr().err  # names the context length
+    assert main(["generate", "--artifact", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a kangaroo_lit artifact" in capsys.readouterr().err
