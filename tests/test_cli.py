@@ -14,16 +14,18 @@ from tests.conftest import REPO_ROOT
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 OVERLAYS = {"joint.yaml"}  # applied on top of another config
 DOLLY_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "dolly-tiny.jsonl"
+STORIES_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "stories.jsonl"
 
 
-def cpu_overrides(tmp_path, model_dir):
+def cpu_overrides(tmp_path, model_dir, data_format="dolly"):
     """What makes a GPU/Hub config run here: the tiny model, local data, CPU fp32, tmp dirs."""
+    data = DOLLY_FIXTURE if data_format == "dolly" else STORIES_FIXTURE
     return [
         "--model.base_model", str(model_dir), "--model.exit_layer", "1", "--model.dtype", "float32",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
         "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--data.data_path", str(DOLLY_FIXTURE), "--data.num_workers", "0", "--data.batch_size", "2",
+        "--data.data_path", str(data), "--data.num_workers", "0", "--data.batch_size", "2",
         "--data.cache_dir", str(tmp_path / "cache"), "--data.max_length", "128",
     ]
 
@@ -35,7 +37,8 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OVERLAYS], ids=lambda p: p.name)
 def test_every_config_runs_fast_dev_run(config, tmp_path, tiny_llama_dir):
-    cli = run_lightning(["fit", "--config", str(config), *cpu_overrides(tmp_path, tiny_llama_dir)])
+    data_format = yaml.safe_load(config.read_text())["data"].get("format", "dolly")
+    cli = run_lightning(["fit", "--config", str(config), *cpu_overrides(tmp_path, tiny_llama_dir, data_format)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
     # the config's meaning survives the substitutions
