@@ -54,7 +54,8 @@ class RoundInfo:
         drafted: the draft tokens of the round (empty for the prefill).
         accepted: how many of them the verification accepted.
         emitted: the tokens this pass appended to the output (after any cut at EOS / budget).
-        committed_length: prompt + generated tokens so far.
+        committed_length: prompt + tokens committed by the passes so far (after the last pass this may
+            exceed the output, which is cut at EOS / ``max_new_tokens``).
         cache_lengths: per cache segment (``draft_shallow``, ``verify_shallow``, ``deep``, ``adapter``),
             the cached length of each of its layers.
         pending: per draft segment (``draft_shallow``, ``adapter``), positions computed by the full path
@@ -137,8 +138,12 @@ class SelfSpeculativeDecoder:
         return range(self.model.exit_layer + 1, self.model.num_layers)
 
     def _segment_layers(self, name: str) -> range:
-        return {"draft_shallow": self._shallow_layers, "verify_shallow": self._shallow_layers,
-                "deep": self._deep_layers, "adapter": range(1)}[name]
+        return {
+            "draft_shallow": self._shallow_layers,
+            "verify_shallow": self._shallow_layers,
+            "deep": self._deep_layers,
+            "adapter": range(1),
+        }[name]
 
     def _positions(self, start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
         """(B, length) absolute positions ``start..start+length-1`` (no padding at batch size 1)."""
@@ -233,9 +238,7 @@ class SelfSpeculativeDecoder:
             verify_hidden = model.shallow(embeds, positions, cache=caches["verify_shallow"], draft=False)
         # Deep layers over the whole prompt (their cache needs it) but the head on the last position
         # only, as HF generate does: the prompt's other logits are never used.
-        deep = model.run_layers(
-            verify_hidden, model.exit_layer + 1, model.num_layers, positions, cache=caches["deep"]
-        )
+        deep = model.run_layers(verify_hidden, model.exit_layer + 1, model.num_layers, positions, cache=caches["deep"])
         logits = model.causal_lm.lm_head(model.causal_lm.model.norm(deep[:, -1:]))[:, -1]
         # The adapter sees the prompt too (its logits are not needed: the first token is the full model's).
         model.draft_logits(draft_hidden, positions, cache=caches["adapter"])

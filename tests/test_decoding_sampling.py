@@ -1,0 +1,184 @@
+"""Speculative sampling keeps the full model's output distribution exactly (DESIGN.md §3.5).
+
+A 2-layer model with a 12-token vocabulary, top-k 3 at temperature 1: the first three generated tokens
+have 27 possible values whose exact probabilities under the verifying model are enumerated. Thousands
+of draws of the speculative decoder must match them in total variation, with rejections happening;
+the same decoder with a wrong acceptance rule (always accept) must fail the same bound.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kangaroo_lit.architectures import load_base_model
+from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, probabilities
+from kangaroo_lit.decoding.sampling import SamplingConfig
+from kangaroo_lit.model import KangarooModel, LoraSettings
+from kangaroo_lit.tiny import tiny_config
+
+PROMPT = [1, 5, 7]
+TOP_K = 3
+FIRST = 3  # tokens whose joint distribution is compared
+NEW_TOKENS = 4  # > FIRST, so the first round drafts two tokens (budget cap: remaining - 1)
+MAX_DRAFT = 2
+BOUND = 0.07  # expected TV of 3000 exact draws over 27 outcomes is about 0.03
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: per-op overhead dominates and a second thread only adds contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_small_model(mode: str = "off") -> KangarooModel:
+    """2 layers, vocabulary 12, exit layer 0; the untrained draft is accepted about 60% of the time (off)."""
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=12, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+    base.requires_grad_(False)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(10.0)  # peaked enough that the top-k tokens are not equiprobable
+    lora = None if mode == "off" else LoraSettings(rank=2, dropout=0.0, scope=mode)
+    model = KangarooModel(base, exit_layer=0, lora=lora, trainable_dtype=torch.float64).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_small_model()
+
+
+def exact_distribution(
+    model: KangarooModel, sampling: SamplingConfig, first: int = FIRST
+) -> dict[tuple[int, ...], float]:
+    """P(first ``first`` tokens) under the verifying model, by enumerating the warped support."""
+    dist: dict[tuple[int, ...], float] = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(first):
+            grown = {}
+            for prefix, mass in dist.items():
+                ids = torch.tensor([PROMPT + list(prefix)])
+                probs = probabilities(model.full_logits(ids)[0, -1], sampling)
+                for tok in probs.nonzero().flatten().tolist():
+                    grown[prefix + (tok,)] = mass * float(probs[tok])
+            dist = grown
+    return dist
+
+
+def total_variation(counts: Counter, exact: dict[tuple[int, ...], float]) -> float:
+    total = sum(counts.values())
+    keys = set(counts) | set(exact)
+    return 0.5 * sum(abs(counts[k] / total - exact.get(k, 0.0)) for k in keys)
+
+
+class AlwaysAccept(SelfSpeculativeDecoder):
+    """A wrong rule: every draft is accepted, the bonus sampled from the full model."""
+
+    def accept_drafts(self, draft_tokens, draft_probs, target_logits, sampling, generator):
+        k = draft_tokens.shape[0]
+        bonus = torch.multinomial(probabilities(target_logits[k], sampling), 1, generator=generator)
+        return k, int(bonus)
+
+
+def draw(
+    decoder, draws: int, seed: int, sampling: SamplingConfig, new_tokens: int = NEW_TOKENS, first: int = FIRST
+) -> tuple[Counter, int, int]:
+    generator = torch.Generator().manual_seed(seed)
+    counts: Counter = Counter()
+    drafted = accepted = 0
+    for _ in range(draws):
+        result = decoder.generate(
+            torch.tensor([PROMPT]),
+            new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generator=generator,
+        )
+        counts[tuple(result.tokens[:first])] += 1
+        drafted += result.drafted
+        accepted += result.accepted
+    return counts, drafted, accepted
+
+
+def test_speculative_sampling_matches_full_model_distribution(small_model):
+    sampling = SamplingConfig(temperature=1.0, top_k=TOP_K)
+    exact = exact_distribution(small_model, sampling)
+    assert len(exact) == TOP_K**FIRST
+    assert abs(sum(exact.values()) - 1.0) < 1e-9
+
+    decoder = SelfSpeculativeDecoder(small_model, threshold=0.0, max_draft=MAX_DRAFT)
+    counts, drafted, accepted = draw(decoder, 3000, seed=1, sampling=sampling)
+    tv = total_variation(counts, exact)
+    assert drafted > accepted > 0, "both acceptances and rejections must happen"
+    assert tv < BOUND, f"TV {tv:.3f} between speculative sampling and the full model"
+
+    # The same bound has teeth: a wrong acceptance rule is far off.
+    wrong = AlwaysAccept(small_model, threshold=0.0, max_draft=MAX_DRAFT)
+    wrong_counts, _, _ = draw(wrong, 400, seed=2, sampling=sampling)
+    wrong_tv = total_variation(wrong_counts, exact)
+    assert wrong_tv > 2 * BOUND, f"always-accept TV {wrong_tv:.3f} should fail the bound {BOUND}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["off", "draft", "shared"])
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingConfig(temperature=1.0, top_k=3), SamplingConfig(temperature=0.8, top_p=0.7)],
+    ids=["top_k3", "top_p0.7"],
+)
+def test_speculative_sampling_distribution_many_draws(mode, sampling):
+    """20000 draws of four tokens, with longer rounds, for each LoRA mode."""
+    model = build_small_model(mode)
+    exact = exact_distribution(model, sampling, first=4)
+    decoder = SelfSpeculativeDecoder(model, threshold=0.3, max_draft=4)
+    counts, drafted, accepted = draw(decoder, 20000, seed=11, sampling=sampling, new_tokens=6, first=4)
+    assert drafted > accepted > 0
+    assert total_variation(counts, exact) < 0.04
+
+
+def test_vanilla_sampling_equals_hf_generate_sampling(tiny_model_dirs):
+    """Same seed, same warping order: the vanilla loop draws exactly HF generate's samples."""
+    base = load_base_model(str(tiny_model_dirs["llama"]), "float32")
+    base.generation_config.eos_token_id = None
+    base.generation_config.pad_token_id = 0
+    model = KangarooModel(base, exit_layer=1).eval()
+    ids = torch.tensor([[1, 50, 60, 70]])
+    for kwargs in (dict(top_k=3), dict(top_p=0.8), dict(temperature=0.7, top_k=20, top_p=0.9)):
+        kwargs = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kwargs}
+        torch.manual_seed(3)
+        expected = base.generate(ids, max_new_tokens=16, do_sample=True, **{**kwargs, "top_k": kwargs["top_k"] or None})
+        torch.manual_seed(3)
+        assert VanillaDecoder(model).generate(ids, 16, **kwargs).tokens == expected[0, ids.shape[1] :].tolist()
+
+
+def test_sampling_is_reproducible_with_a_generator(small_model):
+    decoder = SelfSpeculativeDecoder(small_model, threshold=0.3, max_draft=4)
+    runs = [
+        decoder.generate(
+            torch.tensor([PROMPT]), 12, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(7)
+        ).tokens
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 12
+
+
+def test_threshold_uses_warped_draft_probabilities(small_model):
+    # top_k=1 makes every warped draft distribution one-hot (top-1 probability 1), so even a threshold
+    # just below 1 never stops a round early: rounds draft max_draft (or the budget's cap).
+    drafted = []
+    decoder = SelfSpeculativeDecoder(
+        small_model, threshold=0.999, max_draft=3, on_round=lambda info: drafted.append(len(info.drafted))
+    )
+    decoder.generate(torch.tensor([PROMPT]), 9, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert drafted[0] == 0 and max(drafted[1:]) == 3
