@@ -111,16 +111,19 @@ class KangarooLitModule(L.LightningModule):
         self.save_hyperparameters()
         if beta_exit < 0:
             raise ValueError(f"beta_exit must be >= 0, got {beta_exit}")
-        if beta_exit == 0 and detach_exit:
+        if beta_exit == 0 and (detach_exit or lora_rank == 0 or lora_scope == "draft"):
             raise ValueError(
-                "beta_exit=0 with detach_exit=true trains nothing (loss_main reaches no trainable weight); "
-                "use detach_exit=false for plain LoRA fine-tuning, or beta_exit > 0"
+                "beta_exit=0 trains only through loss_main, which needs detach_exit=false, lora_rank > 0 and "
+                "lora_scope=shared (plain LoRA fine-tuning of the shallow layers); got "
+                f"detach_exit={detach_exit}, lora_rank={lora_rank}, lora_scope={lora_scope!r}"
             )
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = no LoRA), got {lora_rank}")
         resolve_dtype(dtype)  # fail at construction on a bad dtype name, not after loading
         self.model: KangarooModel | None = None
         self._resume_rng: dict[str, Any] | None = None
+        self._all_finite: torch.Tensor | None = None
+        self._last_terms: tuple | None = None
         self._resume_position: tuple[int, int] | None = None
         # Frozen base weights are not in checkpoints; loading must not demand them.
         self.strict_loading = False
@@ -153,6 +156,12 @@ class KangarooLitModule(L.LightningModule):
                 scope=hp.lora_scope,
             )
         self.model = KangarooModel(base, hp.exit_layer, lora=lora, exit_head=hp.exit_head)
+        if hp.beta_exit == 0:
+            # Plain LoRA fine-tuning: the draft path is never trained, so keep it out of the
+            # optimizer and the checkpoint.
+            self.model.adapter.requires_grad_(False)
+            if self.model.exit_proj is not None:
+                self.model.exit_proj.requires_grad_(False)
 
     @property
     def lora_targets(self) -> list[str]:
@@ -183,14 +192,11 @@ class KangarooLitModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms, out = self._step(batch)
-        if not torch.isfinite(terms.loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({terms.loss.item()}: loss_main={terms.loss_main.item()}, "
-                f"loss_exit={terms.loss_exit.item()}) at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); the run stops before this step's "
-                "update, so the last checkpoint on disk is the last good one. Lower the learning rate, "
-                "use bf16 instead of fp16, or inspect this batch."
-            )
+        # Checked in on_before_optimizer_step: testing here would make the host wait for the forward
+        # pass on every micro-batch; the flag stays on the device until the update is due.
+        finite = torch.isfinite(terms.loss.detach())
+        self._all_finite = finite if self._all_finite is None else self._all_finite & finite
+        self._last_terms = (terms.loss.detach(), terms.loss_main.detach(), terms.loss_exit.detach(), batch_idx)
         batch_size = batch["input_ids"].shape[0]
         log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", terms.loss, prog_bar=True, **log)
@@ -203,6 +209,19 @@ class KangarooLitModule(L.LightningModule):
             self.log("train/padding_fraction", 1.0 - batch["attention_mask"].float().mean(), **log)
         self.log("train/tokens", terms.num_tokens.float(), reduce_fx="sum", **log)
         return terms.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before an update computed from a NaN or infinite loss (of any accumulated micro-batch)."""
+        all_finite, self._all_finite = self._all_finite, None
+        if all_finite is not None and not bool(all_finite):
+            loss, loss_main, loss_exit, batch_idx = self._last_terms
+            raise NonFiniteLossError(
+                f"non-finite training loss (last micro-batch: loss={loss.item()}, loss_main={loss_main.item()}, "
+                f"loss_exit={loss_exit.item()}) at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); the run stops before this step's "
+                "update, so the last checkpoint on disk is the last good one. Lower the learning rate, "
+                "use bf16 instead of fp16, or inspect this batch."
+            )
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
         terms, out = self._step(batch)
