@@ -49,6 +49,8 @@ def sample_stories(model_path: str, num: int, seed: int, temperature: float = 0.
                 if text:
                     texts.append(text)
             progress.update(task, completed=len(texts))
+            if not progress.console.is_terminal:  # keep logs informative when redirected
+                print(f"{len(texts)}/{num} stories", flush=True)
     return texts[:num]
 
 
@@ -61,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     texts = sample_stories(args.model, args.num, args.seed, args.temperature, args.max_new_tokens, args.batch_size)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
