@@ -49,7 +49,10 @@ def check_batch(batch, eos_id, max_length, every_token_a_target=False):
         assert targets.any()
         assert (labels[i, :n][targets] == ids[i, :n][targets]).all()  # unshifted
         if every_token_a_target:
-            assert targets.all()
+            # plain text: every token, except the context-only overlap of a document's tail window
+            first = int(targets.nonzero()[0])
+            assert targets[first:].all()
+            assert first == 0 or n == max_length  # only full-length tail windows carry context
         else:
             # the prompt is a masked prefix, the targets a contiguous suffix
             first = int(targets.nonzero()[0])

@@ -119,11 +119,18 @@ def test_text_every_token_is_a_target_and_long_documents_are_chunked(tiny_tokeni
     encoder = RowEncoder(tok, max_length=32, data_format="text")
     examples, stats = encoder.encode_rows([{"text": text}, {"text": "Hi."}])
     ids = tok(text)["input_ids"] + [tok.eos_token_id]
-    expected = [ids[s : s + 32] for s in range(0, len(ids), 32)]
-    expected = [c for c in expected if len(c) >= 2]  # a 1-token tail has no target after the shift
-    assert len(expected) > 1
-    assert [e.ids for e in examples if e.row == 0] == expected
-    assert all(e.n_prompt == 0 and len(e.ids) <= 32 for e in examples)
+    assert len(ids) % 32 != 0
+    full = len(ids) // 32
+    chunks = [e for e in examples if e.row == 0]
+    # full windows first, every token a target ...
+    assert [c.ids for c in chunks[:full]] == [ids[s : s + 32] for s in range(0, full * 32, 32)]
+    assert all(c.n_prompt == 0 for c in chunks[:full])
+    # ... then the tail as the last 32 tokens, the overlap being context, not targets again
+    tail = chunks[full]
+    assert len(chunks) == full + 1 and tail.ids == ids[-32:]
+    assert tail.n_prompt == 32 - (len(ids) - full * 32)
+    targets = sum(len(c.ids) - c.n_prompt for c in chunks)
+    assert targets == len(ids)  # each token is a target exactly once
     assert examples[-1].ids == tok("Hi.")["input_ids"] + [tok.eos_token_id]
     assert stats.docs_chunked == 1 and stats.examples == len(examples)
 

@@ -222,11 +222,16 @@ class RowEncoder:
             ids = list(ids)
             if not ids or ids[-1] != self.eos_id:
                 ids.append(self.eos_id)
-            chunks = [ids[s : s + self.max_length] for s in range(0, len(ids), self.max_length)]
-            # A one-token tail has no next-token target after the model's shift: nothing to learn.
-            chunks = [c for c in chunks if len(c) >= 2] or chunks[:1]
-            stats.docs_chunked += len(chunks) > 1
-            out.extend(Encoded(c, 0, first_row + i) for c in chunks)
+            length = self.max_length
+            for start in range(0, len(ids), length):
+                if start == 0 or len(ids) - start >= length:
+                    out.append(Encoded(ids[start : start + length], 0, first_row + i))
+                else:
+                    # A short tail would be a few tokens without context (a story of max_length + 2
+                    # tokens would leave a 2-token chunk predicting EOS from nothing). Take the last
+                    # max_length tokens instead; the overlap is context only, not targets again.
+                    out.append(Encoded(ids[-length:], length - (len(ids) - start), first_row + i))
+            stats.docs_chunked += len(ids) > length
         return out
 
     # ----------------------------------------------------------------------------------------------
@@ -255,4 +260,5 @@ class RowEncoder:
             "max_length": self.max_length,
             "use_chat_template": self.use_chat_template,
             "templates": [prompts.PROMPT_NO_CONTEXT, prompts.PROMPT_WITH_CONTEXT],
+            "text_chunking": "tail-window-v2",
         }
