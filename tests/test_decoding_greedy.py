@@ -98,10 +98,11 @@ def test_greedy_equals_generate(arch_index, tiny_model_dirs):
         vocab = model.config.vocab_size
         for case in range(18):
             ids = random_prompt(rng, vocab)
-            max_new = rng.randint(6, 16)
+            oracle = case % 3 != 0
+            # Untrained drafts on a random model are nearly always rejected: rounds are costly, keep them short.
+            max_new = rng.randint(6, 16) if oracle else rng.randint(4, 9)
             reference = greedy_reference(model, ids, max_new)
             threshold, max_draft = SETTINGS[(case + m) % len(SETTINGS)]
-            oracle = case % 3 != 0
             eos = None
             expected = reference
             if case % 3 == 1:
