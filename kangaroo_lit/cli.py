@@ -22,6 +22,7 @@ from kangaroo_lit.run_info import RunInfoCallback
 OWN_SUBCOMMANDS: dict[str, str] = {
     "export": "kangaroo_lit.cli_export:main",
     "generate": "kangaroo_lit.cli_generate:main",
+    "bench": "kangaroo_lit.bench_decode:main",
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model arguments that only affect decoding (predict, decode callbacks): never a conflict on resume.
