@@ -328,12 +328,25 @@ class KangarooModel(nn.Module):
 
         ``cache`` is the adapter's own one-layer cache.
         """
+        return self.exit_head(self.adapter_hidden(shallow_hidden, position_ids, padding_mask, cache))
+
+    def adapter_hidden(
+        self,
+        shallow_hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """The adapter alone: (B, T, d) shallow hidden states -> (B, T, d) exit-head inputs.
+
+        Decoding's prefill uses it to fill the adapter's cache without computing prompt-length x
+        vocabulary logits nobody reads.
+        """
         past_length = cache.get_seq_length() if cache is not None else 0
         mask = self._masks(
             shallow_hidden.shape[1], past_length, padding_mask, shallow_hidden.dtype, shallow_hidden.device
         )[self.adapter.layer_type]
-        h = self.adapter(shallow_hidden, self.rotary(shallow_hidden, position_ids), mask, cache)
-        return self.exit_head(h)
+        return self.adapter(shallow_hidden, self.rotary(shallow_hidden, position_ids), mask, cache)
 
     def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, d) adapter output -> (B, T, V) logits, by the shared ``lm_head`` or the trainable copy."""

@@ -240,8 +240,8 @@ class SelfSpeculativeDecoder:
         # only, as HF generate does: the prompt's other logits are never used.
         deep = model.run_layers(verify_hidden, model.exit_layer + 1, model.num_layers, positions, cache=caches["deep"])
         logits = model.causal_lm.lm_head(model.causal_lm.model.norm(deep[:, -1:]))[:, -1]
-        # The adapter sees the prompt too (its logits are not needed: the first token is the full model's).
-        model.draft_logits(draft_hidden, positions, cache=caches["adapter"])
+        # The adapter sees the prompt too (no exit head: the first token is the full model's).
+        model.adapter_hidden(draft_hidden, positions, cache=caches["adapter"])
         first, _ = choose(logits, sampling, generator)
         state = _State(
             caches=caches,
