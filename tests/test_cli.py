@@ -74,7 +74,7 @@ def test_print_config_round_trips(tmp_path, capsys):
 def test_console_script_fit_on_the_embedded_default(tmp_path):
     """The README's main job through the installed entry point (shortened to a few steps)."""
     cmd = [sys.executable, "-m", "kangaroo_lit", "fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"),
-           "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2",
+           "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
            "--data.cache_dir", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
