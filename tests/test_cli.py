@@ -71,8 +71,8 @@ def test_print_config_round_trips(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / "tiny-llama").is_dir(), reason="embedded model not built")
-def test_console_script_fit_on_the_embedded_default(tmp_path):
-    """The README's main job through the installed entry point (shortened to a few steps)."""
+def test_console_script_fit_on_the_embedded_default(tmp_path, capsys):
+    """The README's main job through the installed entry point (shortened), then export and generate."""
     cmd = [sys.executable, "-m", "kangaroo_lit", "fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"),
            "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -83,6 +83,16 @@ def test_console_script_fit_on_the_embedded_default(tmp_path):
     logs = list(Path(tmp_path).rglob("metrics.csv"))
     assert logs and "val/expected_accept" in logs[0].read_text()
     assert list(Path(tmp_path).rglob("run_info.json")) and list(Path(tmp_path).rglob("config.yaml"))
+
+    import json
+
+    assert main(["export", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "art")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--artifact", str(tmp_path / "art"), "--format", "instruction", "--prompt",
+                 "What is 7 plus 1?", "--max-new-tokens", "24", "--compare-vanilla", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["identical"] is True and data["text"].strip() == "7 plus 1 is 8."  # the base model's answer
+    assert sum(data["accept_lengths"]) == data["new_tokens"]
 
 
 def test_resume_cli_reports_disagreeing_arguments(tmp_path, tiny_llama_dir, capsys):
