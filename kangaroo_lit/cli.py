@@ -24,7 +24,6 @@ OWN_SUBCOMMANDS: dict[str, str] = {
     "generate": "kangaroo_lit.cli_generate:main",
     "bench": "kangaroo_lit.bench_decode:main",
 }
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model arguments that only affect decoding (predict, decode callbacks): never a conflict on resume.
 DECODING_HPARAMS = ("max_new_tokens", "threshold", "max_draft", "temperature")
 
@@ -145,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     try:
-        run_lightning(argv)
+        # From the console the arguments are sys.argv's: let LightningCLI read them itself (passing
+        # them again as ``args`` makes it warn about arguments given twice).
+        run_lightning(None if argv == sys.argv[1:] else argv)
     except CheckpointConfigMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -127,7 +127,6 @@ class KangarooLitModule(L.LightningModule):
         self._resume_position: tuple[int, int] | None = None
         # Frozen base weights are not in checkpoints; loading must not demand them.
         self.strict_loading = False
-        self._metrics: dict[str, torch.nn.ModuleDict] = {}
         for stage in ("val", "test"):
             self.add_module(
                 f"{stage}_metrics",

@@ -15,6 +15,7 @@ The building blocks (:meth:`embed`, :meth:`rotary`, :meth:`run_layers`, :meth:`d
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +26,9 @@ from transformers.cache_utils import Cache
 
 from kangaroo_lit.adapter import KangarooAdapter
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
+
+# peft 0.21 asks transformers 5.2x a deprecated question on every get_peft_model; nothing to act on.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 LoraScope = Literal["draft", "shared"]
 ExitHeadMode = Literal["shared", "trainable"]
