@@ -12,7 +12,7 @@ from kangaroo_lit.embedded import ASSETS_DIR
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-OVERLAYS = {"joint.yaml"}  # applied on top of another config
+OVERLAYS = {"joint.yaml", "deepspeed-zero2.yaml"}  # applied on top of another config
 DOLLY_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "dolly-tiny.jsonl"
 STORIES_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "stories.jsonl"
 
@@ -154,3 +154,35 @@ def test_predict_decodes_prompts_losslessly(tmp_path, tiny_llama_dir):
         expected = VanillaDecoder(model).generate(ids, 12, tok.eos_token_id).tokens
         assert row["response"] == tok.decode(expected, skip_special_tokens=True)
         assert torch.isfinite(torch.tensor(row["mat"])) and row["mat"] >= 1.0
+
+
+def test_deepspeed_overlay_parses_and_builds_its_strategy(capsys):
+    """DeepSpeed runs only on CUDA: here the overlay must parse and its strategy object must build."""
+    with pytest.raises(SystemExit):
+        run_lightning(["fit", "--config", str(REPO_ROOT / "configs/sgp.yaml"),
+                       "--config", str(REPO_ROOT / "configs/deepspeed-zero2.yaml"), "--print_config"])
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert strategy["class_path"].endswith("DeepSpeedStrategy")
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    built = DeepSpeedStrategy(**{k: strategy["init_args"][k] for k in ("stage", "exclude_frozen_parameters")})
+    assert built.config["zero_optimization"]["stage"] == 2
+
+
+def test_slurm_script_resumes_from_last_checkpoint(tmp_path):
+    """The sbatch script's command line, with srun and kangaroo-lit replaced by an echo."""
+    script = REPO_ROOT / "scripts" / "slurm" / "fit.sbatch"
+    fake = tmp_path / "srun"
+    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "ROOT": str(tmp_path / "run"), "KANGAROO": "kl",
+           "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2"}
+    first = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert first.returncode == 0, first.stderr
+    assert "kl fit --config configs/sgp.yaml --config configs/deepspeed-zero2.yaml" in first.stdout
+    assert "--trainer.devices 4 --trainer.num_nodes 2" in first.stdout and "--ckpt_path" not in first.stdout
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").mkdir()  # DeepSpeed writes a directory
+    again = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert f"--ckpt_path {tmp_path}/run/checkpoints/last.ckpt" in again.stdout

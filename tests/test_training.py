@@ -175,3 +175,14 @@ def test_failed_checkpoint_write_keeps_previous_last(tiny_llama_dir, tmp_path, m
     else:  # the plain callback shows what the atomic write protects against
         with pytest.raises(Exception):  # noqa: B017
             torch.load(last, weights_only=True)
+
+
+def test_structure_check_without_state_dict_as_deepspeed_restores(tiny_llama_dir):
+    """DeepSpeed loads the weights itself: the hook then sees no "state_dict", only the structure."""
+    from kangaroo_lit.lit_module import CheckpointMismatchError
+
+    module = make_module(tiny_llama_dir)
+    module.on_load_checkpoint({"kangaroo_structure": module.structure()})  # same structure: accepted
+    other = dict(module.structure(), exit_layer=2)
+    with pytest.raises(CheckpointMismatchError, match="exit_layer: checkpoint 2, this model 1"):
+        module.on_load_checkpoint({"kangaroo_structure": other})
