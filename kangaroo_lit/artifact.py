@@ -177,12 +177,10 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Lightning checkpoint -> artifact directory (the base model is rebuilt from its name/path)."""
-    from kangaroo_lit.lit_module import KangarooLitModule
+    from kangaroo_lit.lit_module import KangarooLitModule, saved_hparams
 
     ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    hparams = dict(ckpt.get("hyper_parameters", {}))
-    for key in ("_instantiator", "_class_path"):
-        hparams.pop(key, None)
+    hparams = saved_hparams(ckpt)
     if not hparams:
         raise ValueError(f"{ckpt_path}: no hyper_parameters; is this a kangaroo_lit checkpoint?")
     if base_model is not None:

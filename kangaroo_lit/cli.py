@@ -7,7 +7,9 @@ project's own subcommands (``export``, ``generate``, ``specbench``, ``bench``) u
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kangaroo_lit.callbacks import JsonlPredictionWriter
 from kangaroo_lit.checkpointing import KangarooCheckpoint
-from kangaroo_lit.lit_module import STRUCTURAL_HPARAMS, KangarooLitModule
+from kangaroo_lit.lit_module import STRUCTURAL_HPARAMS, KangarooLitModule, saved_hparams
 from kangaroo_lit.run_info import RunInfoCallback
 
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
@@ -61,18 +63,11 @@ class KangarooCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
-        from pathlib import Path
-
         if not Path(ckpt_path).is_file():
             return
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        saved = dict(ckpt.get("hyper_parameters", {}))
-        saved.pop("_instantiator", None)
-        saved.pop("_class_path", None)
+        saved = saved_hparams(torch.load(ckpt_path, weights_only=True, map_location="cpu"))
         if not saved:
             return
-        import inspect
-
         defaults = {
             name: p.default
             for name, p in inspect.signature(KangarooLitModule.__init__).parameters.items()

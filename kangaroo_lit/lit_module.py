@@ -390,6 +390,14 @@ class KangarooLitModule(L.LightningModule):
             self._resume_rng = None
 
 
+def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The model arguments a Lightning checkpoint was made with (LightningCLI's bookkeeping keys removed)."""
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    for key in ("_instantiator", "_class_path"):
+        hparams.pop(key, None)
+    return hparams
+
+
 def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 

@@ -37,6 +37,18 @@ def tiny_llama_dir(tiny_model_dirs):
     return tiny_model_dirs["llama"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (restored after): tiny models gain nothing from a second one, and
+    spinning OpenMP threads on a shared 2-core runner can make them ten times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
     """The read-only ../shared folder (real data, the stories model), or skip when it is absent."""

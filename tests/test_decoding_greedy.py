@@ -22,13 +22,7 @@ MODES = ["off", "draft", "shared"]  # LoRA off, lora_scope "draft", lora_scope "
 SETTINGS = [(t, m) for t in (0.0, 0.6, 1.0) for m in (1, 6)]  # (threshold, max_draft)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: per-op overhead dominates and a second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(model_dir, exit_layer: int, mode: str, seed: int = 0) -> KangarooModel:

@@ -26,13 +26,7 @@ MAX_DRAFT = 2
 BOUND = 0.07  # expected TV of 3000 exact draws over 27 outcomes is about 0.03
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: per-op overhead dominates and a second thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_small_model(mode: str = "off") -> KangarooModel:

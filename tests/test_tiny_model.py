@@ -27,14 +27,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread for this module (restored after): tiny matmuls gain nothing from two, and
-    spinning OpenMP threads on a shared 2-core runner can make them ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,14 +50,16 @@ def train(exit_layer: int, lora_rank: int, root: Path, steps: int, retrain: bool
 @torch.no_grad()
 def agreement(model, stories: list[list[int]]) -> tuple[float, float]:
     """Teacher-forced top-1 agreement and expected acceptance over every position of the stories."""
+    from kangaroo_lit.losses import expected_acceptance
+
     agree = accept = n = 0.0
     for ids in stories:
         out = model(torch.tensor([ids]))
-        p = out.main_logits[0, :-1].double().softmax(-1)
-        q = out.exit_logits[0, :-1].double().softmax(-1)
-        agree += float((p.argmax(-1) == q.argmax(-1)).sum())
-        accept += float(torch.minimum(p, q).sum())
-        n += p.shape[0]
+        main, draft = out.main_logits[0, :-1].double(), out.exit_logits[0, :-1].double()
+        positions = main.shape[0]
+        agree += float((main.argmax(-1) == draft.argmax(-1)).sum())
+        accept += float(expected_acceptance(draft, main)) * positions  # a per-story mean, re-weighted
+        n += positions
     return agree / n, accept / n
 
 
