@@ -177,26 +177,27 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Lightning checkpoint -> artifact directory (the base model is rebuilt from its name/path)."""
-    from kangaroo_lit.lit_module import KangarooLitModule, saved_hparams
+    import dataclasses
+
+    from kangaroo_lit.checkpointing import saved_settings
+    from kangaroo_lit.lit_module import KangarooLitModule
 
     ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    hparams = saved_hparams(ckpt)
-    if not hparams:
-        raise ValueError(f"{ckpt_path}: no hyper_parameters; is this a kangaroo_lit checkpoint?")
+    settings = saved_settings(ckpt, source=str(ckpt_path))
     if base_model is not None:
-        hparams["base_model"] = base_model
-    module = KangarooLitModule(**hparams)
+        settings = dataclasses.replace(settings, base_model=base_model)
+    module = KangarooLitModule.from_settings(settings)
     module.configure_model()
     module.on_load_checkpoint(ckpt)  # refuses a checkpoint of another configuration
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if unexpected:
         raise ValueError(f"{ckpt_path}: tensors that fit no parameter: {unexpected[:5]}")
     training = {
-        "model": hparams,
+        "model": settings.to_dict(),
         "data": ckpt.get("datamodule_hyper_parameters"),
         "global_step": ckpt.get("global_step"),
         "epoch": ckpt.get("epoch"),
         "checkpoint": str(Path(ckpt_path).resolve()),
     }
-    return save_artifact(module.model, out_dir, hparams["base_model"], hparams.get("dtype", "float32"),
+    return save_artifact(module.model, out_dir, settings.base_model, settings.dtype,
                          training=training, metrics=ckpt.get("kangaroo_metrics"))

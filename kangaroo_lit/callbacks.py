@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-
-# The prompt loader is a plain list (batch size 1): Lightning cannot infer batch indices, and the
-# writer does not need them (each prediction carries its prompt index).
-warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices fetched from your dataloader.*")
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -81,7 +76,7 @@ class DecodeEvalCallback(L.Callback):
             return
         from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 
-        hp = pl_module.hparams
+        hp = pl_module.settings.decoding
         spec = SelfSpeculativeDecoder(pl_module.model, threshold=self.threshold if self.threshold is not None
                                       else hp.threshold, max_draft=self.max_draft or hp.max_draft)
         vanilla = VanillaDecoder(pl_module.model)

@@ -1,22 +1,48 @@
-"""Checkpoints at a fixed place, written atomically.
+"""Checkpoints: written atomically at a fixed place, and checked against the run that loads them.
 
 ``<default_root_dir>/checkpoints/last.ckpt`` is where a requeued or resumed run looks (DESIGN §4b), so
-the file must never be half-written: each checkpoint is saved to ``<name>.partial`` and renamed over
-the old one only once complete. A crash mid-write leaves the previous checkpoint intact.
+the file must never be half-written. Every checkpoint file goes through :class:`AtomicCheckpointIO`
+(Lightning's ``CheckpointIO`` plugin interface): it is written to ``<name>.partial``, flushed to disk and
+renamed over the old one only once complete. DeepSpeed writes a directory through its own engine, not
+through ``CheckpointIO``; :class:`KangarooDeepSpeedStrategy` gives those directories the same guarantee.
+
+A checkpoint records the run's settings (:data:`SETTINGS_KEY`); :func:`check_checkpoint_fits` refuses one
+made with another structure, and :func:`reconcile_settings` decides, setting by setting, what the
+command line of a resumed run may change (policies in :mod:`kangaroo_lit.settings`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from weakref import proxy
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from kangaroo_lit.settings import KangarooSettings, ResumePolicy, flatten, resume_policy, structure_of
 
 PARTIAL_SUFFIX = ".partial"
+# Where a checkpoint keeps the run's settings (a plain nested dict: loadable with weights_only=True).
+SETTINGS_KEY = "kangaroo_settings"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not belong to this model configuration (other base, exit layer, LoRA, ...)."""
+
+
+class CheckpointConfigMismatch(ValueError):
+    """Settings given for a resumed run disagree with the checkpoint's."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
 
 
 def replace_atomically(src: str | Path, dst: str | Path) -> None:
@@ -42,6 +68,38 @@ def replace_atomically(src: str | Path, dst: str | Path) -> None:
         os.replace(src, dst)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<path>.partial``, ``fsync``, then rename over ``path``: never a torn checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_atomically(partial, path)
+
+
+class KangarooDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` whose checkpoint directories are replaced atomically.
+
+    Every rank writes its shards into ``<path>.partial``; once all are done, rank 0 swaps the
+    directory into place (:func:`replace_atomically`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+        partial = str(filepath) + PARTIAL_SUFFIX
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("kangaroo_checkpoint_written")
+        if self.is_global_zero:
+            replace_atomically(partial, filepath)
+        self.barrier("kangaroo_checkpoint_replaced")
+
+
 class KangarooCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` with ``save_last`` on, a fixed directory and atomic writes.
 
@@ -52,6 +110,9 @@ class KangarooCheckpoint(ModelCheckpoint):
             between epochs loses at most that much work).
         Other arguments are ``ModelCheckpoint``'s. ``enable_version_counter`` is always off: an
             existing ``last.ckpt`` is replaced, never joined by ``last-v1.ckpt``.
+
+    When the strategy writes files through Lightning's default ``TorchCheckpointIO``, it is swapped
+    for :class:`AtomicCheckpointIO` at setup (a user's own ``CheckpointIO`` plugin is left alone).
     """
 
     def __init__(
@@ -86,16 +147,110 @@ class KangarooCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        strategy = trainer.strategy
+        if not isinstance(strategy, DeepSpeedStrategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        partial = filepath + PARTIAL_SUFFIX
-        trainer.save_checkpoint(partial, self.save_weights_only)
-        if trainer.is_global_zero:
-            replace_atomically(partial, filepath)
-        trainer.strategy.barrier("kangaroo_checkpoint_replace")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+
+# --------------------------------------------------------------------------------------------------
+# Does a checkpoint fit this run?
+
+
+def saved_settings(checkpoint: dict[str, Any], source: str = "the checkpoint") -> KangarooSettings:
+    """The settings a checkpoint of this project was made with.
+
+    Raises:
+        CheckpointMismatchError: when the checkpoint records none (not made by this project's module).
+    """
+    values = checkpoint.get(SETTINGS_KEY)
+    if not isinstance(values, dict):
+        raise CheckpointMismatchError(
+            f"{source} holds no '{SETTINGS_KEY}': it was not written by this version of kangaroo_lit's "
+            "KangarooLitModule"
+        )
+    return KangarooSettings.from_dict(values)
+
+
+def check_checkpoint_fits(
+    checkpoint: dict[str, Any], settings: KangarooSettings, expected_keys: dict[str, torch.Size]
+) -> None:
+    """Refuse a checkpoint whose structure or tensors differ from this model's.
+
+    Args:
+        checkpoint: the loaded checkpoint dict.
+        settings: the settings of the model loading it.
+        expected_keys: ``{state_dict key: shape}`` of this model's trainable tensors.
+
+    Raises:
+        CheckpointMismatchError: listing every structural setting and tensor key that differs.
+    """
+    problems = []
+    saved = structure_of(saved_settings(checkpoint))
+    current = structure_of(settings)
+    for key, value in current.items():
+        if saved.get(key) != value:
+            problems.append(f"{key}: checkpoint {saved.get(key)!r}, this model {value!r}")
+    # DeepSpeed restores the weights itself and hands over a checkpoint without "state_dict":
+    # then only the recorded structure can be compared.
+    if "state_dict" in checkpoint:
+        got = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        missing = sorted(set(expected_keys) - set(got))
+        unexpected = sorted(set(got) - set(expected_keys))
+        reshaped = sorted(k for k in set(expected_keys) & set(got) if tuple(expected_keys[k]) != got[k])
+        for label, keys in (("missing from checkpoint", missing), ("not in this model", unexpected)):
+            if keys:
+                more = " ..." if len(keys) > 8 else ""
+                problems.append(f"{len(keys)} tensor(s) {label}: {', '.join(keys[:8])}{more}")
+        for k in reshaped[:8]:
+            problems.append(f"shape of {k}: checkpoint {got[k]}, this model {tuple(expected_keys[k])}")
+    if problems:
+        raise CheckpointMismatchError("checkpoint does not match this model configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class Reconciliation:
+    """What a resumed run's command line does with each setting the checkpoint recorded.
+
+    ``adopt``: left at its default, so the checkpoint's value is taken (``--ckpt_path`` alone resumes
+    the same run). ``notes``: changed where changing is allowed (said out loud). ``conflicts``: changed
+    where it is not.
+    """
+
+    adopt: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+
+def reconcile_settings(given: dict[str, Any], saved: dict[str, Any], defaults: dict[str, Any],
+                       fitting: bool) -> Reconciliation:
+    """Compare a run's settings with a checkpoint's, by each setting's :class:`~kangaroo_lit.settings.ResumePolicy`.
+
+    Args:
+        given / saved / defaults: nested or flat (dotted) settings of the run, the checkpoint and the
+            module's defaults.
+        fitting: the run resumes ``fit`` (then only decoding settings may change).
+    """
+    given, saved, defaults = flatten(given), flatten(saved), flatten(defaults)
+    policies = resume_policy()
+    result = Reconciliation()
+    for key, saved_value in saved.items():
+        if key not in given or _same(given[key], saved_value):
+            continue
+        value = given[key]
+        if key in defaults and _same(value, defaults[key]):
+            result.adopt[key] = saved_value
+            continue
+        policy = policies.get(key, ResumePolicy.FIT)
+        if policy == ResumePolicy.FREE or (policy == ResumePolicy.FIT and not fitting):
+            result.notes.append(f"model.{key}={value!r} (checkpoint has {saved_value!r})")
+        else:
+            result.conflicts.append(f"model.{key}: checkpoint has {saved_value!r}, this run asks for {value!r}")
+    return result
+
+
+def _same(a: Any, b: Any) -> bool:
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return plain(a) == plain(b)

@@ -7,17 +7,15 @@ project's own subcommands (``export``, ``generate``, ``specbench``, ``bench``) u
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kangaroo_lit.callbacks import JsonlPredictionWriter
-from kangaroo_lit.checkpointing import KangarooCheckpoint
-from kangaroo_lit.lit_module import STRUCTURAL_HPARAMS, KangarooLitModule, saved_hparams
+from kangaroo_lit.checkpointing import SETTINGS_KEY, CheckpointConfigMismatch, KangarooCheckpoint, reconcile_settings
+from kangaroo_lit.lit_module import KangarooLitModule
 from kangaroo_lit.run_info import RunInfoCallback
 
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
@@ -26,78 +24,49 @@ OWN_SUBCOMMANDS: dict[str, str] = {
     "generate": "kangaroo_lit.cli_generate:main",
     "bench": "kangaroo_lit.bench_decode:main",
 }
-# Model arguments that only affect decoding (predict, decode callbacks): never a conflict on resume.
-DECODING_HPARAMS = ("max_new_tokens", "threshold", "max_draft", "temperature")
-
-
-class CheckpointConfigMismatch(ValueError):
-    """Model arguments given for a resumed run disagree with the checkpoint's."""
-
-
-def _normalise(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_normalise(v) for v in value]
-    return value
 
 
 class KangarooCLI(LightningCLI):
-    """LightningCLI with the tokenizer linked to the base model and a fixed-place checkpoint."""
+    """LightningCLI with the tokenizer linked to the base model, a fixed-place checkpoint and safe resume."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Users name the model once; the data module tokenizes with the same model's tokenizer.
         parser.link_arguments("model.base_model", "data.tokenizer")
         parser.add_lightning_class_args(KangarooCheckpoint, "checkpoint")
 
-    def _parse_ckpt_path(self) -> None:
+    def before_instantiate_classes(self) -> None:
         """Resume safely: never let the checkpoint silently override what the user asked for.
 
-        Lightning's default re-parses the checkpoint's hyperparameters over the command line. Here,
-        a model argument left at its default takes the checkpoint's value (so ``--ckpt_path`` alone
-        resumes the same model); one set to something else that disagrees with the checkpoint is an
-        error listing every such argument, except decoding settings (and, outside ``fit``, anything
-        that leaves the model's structure alone), which the command line may change.
+        A setting left at its default takes the checkpoint's value (so ``--ckpt_path`` alone resumes
+        the same model); one set to something else that disagrees with the checkpoint is an error
+        listing every such setting, except where its type allows the change
+        (:func:`~kangaroo_lit.checkpointing.reconcile_settings`): decoding settings always, and outside
+        ``fit`` everything that leaves the model's structure alone. (The module saves no Lightning
+        hyperparameters, so LightningCLI itself does not re-parse the checkpoint over the command line.)
         """
-        if not self.config.get("subcommand"):
+        sub = self.config.get("subcommand")
+        if not sub:
             return
-        sub = self.config.subcommand
-        ckpt_path = self.config[sub].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        config = self.config[sub]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
             return
-        if not Path(ckpt_path).is_file():
-            return
-        saved = saved_hparams(torch.load(ckpt_path, weights_only=True, map_location="cpu"))
-        if not saved:
-            return
-        defaults = {
-            name: p.default
-            for name, p in inspect.signature(KangarooLitModule.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
-        given = self.config[sub].model
-        conflicts, adopt = [], {}
-        for key, saved_value in saved.items():
-            if key not in given:
-                continue
-            value = given[key]
-            if _normalise(value) == _normalise(saved_value):
-                continue
-            if key in defaults and _normalise(value) == _normalise(defaults[key]):
-                adopt[key] = saved_value
-            elif key in DECODING_HPARAMS or (sub != "fit" and key not in STRUCTURAL_HPARAMS):
-                # Free to change: decoding settings always; outside fit, anything that does not change
-                # the model's structure. The command line wins, said out loud.
-                print(f"note: model.{key}={value!r} (checkpoint has {saved_value!r})", file=sys.stderr)
-            else:
-                conflicts.append(f"  model.{key}: checkpoint has {saved_value!r}, this run asks for {value!r}")
-        if conflicts:
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        if SETTINGS_KEY not in checkpoint:
+            return  # not ours: the module's on_load_checkpoint refuses it with the reason
+        defaults = KangarooLitModule.default_settings().to_dict()
+        result = reconcile_settings(config.model.as_dict(), checkpoint[SETTINGS_KEY], defaults, fitting=sub == "fit")
+        if result.conflicts:
             raise CheckpointConfigMismatch(
-                f"checkpoint {ckpt_path} was trained with other model arguments than this run:\n"
-                + "\n".join(conflicts)
+                f"checkpoint {ckpt_path} was trained with other model settings than this run:\n  "
+                + "\n  ".join(result.conflicts)
                 + "\nResume with the checkpoint's values (drop or correct these arguments), or start a new "
                 "run without --ckpt_path."
             )
-        for key, value in adopt.items():
-            given[key] = value
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        for key, value in result.adopt.items():
+            config.model[key] = value
 
 
 def run_lightning(argv: list[str] | None = None, run: bool = True) -> KangarooCLI:

@@ -8,10 +8,18 @@ import torch
 
 from kangaroo_lit.checkpointing import KangarooCheckpoint
 from kangaroo_lit.data import InstructionDataModule
-from kangaroo_lit.lit_module import CheckpointMismatchError, KangarooLitModule
+from kangaroo_lit.checkpointing import CheckpointMismatchError
+from kangaroo_lit.lit_module import KangarooLitModule
+from kangaroo_lit.settings import DraftSettings, LoraSettings, LossSettings, OptimizerSettings
 
-TOTAL_STEPS = 14  # 10 batches per epoch: the crash is mid-epoch 0, the resumed run crosses into epoch 1
-CRASH_AT = 7  # after warm-up (2 steps)
+TOTAL_STEPS = 14  # 40 rows in batches of 4: 10 batches per epoch, so every run crosses into epoch 1
+# Where the first run crashes, in micro-batches taken: mid-epoch after warm-up; right after the last
+# step of epoch 0 (the next epoch's loader has started); and inside a gradient-accumulation cycle.
+SCENARIOS = {
+    "mid_epoch": dict(crash_after=7, accumulate=1),
+    "epoch_boundary": dict(crash_after=10, accumulate=1),
+    "mid_accumulation": dict(crash_after=9, accumulate=2),
+}
 
 
 class Crash(Exception):
@@ -19,20 +27,21 @@ class Crash(Exception):
 
 
 class Recorder(L.Callback):
-    """Per global step: the loss and a fingerprint of the batch's rows."""
+    """Per micro-batch (epoch, batch index): the loss and a fingerprint of the batch's rows."""
 
-    def __init__(self, crash_at=None):
-        self.losses, self.batches, self.crash_at = {}, {}, crash_at
+    def __init__(self, crash_after=None):
+        self.losses, self.batches, self.crash_after, self.taken = {}, {}, crash_after, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.crash_at is not None and trainer.global_step == self.crash_at:
-            raise Crash(f"simulated crash before step {trainer.global_step}")
+        if self.crash_after is not None and self.taken == self.crash_after:
+            raise Crash(f"simulated crash before micro-batch {self.taken} (global step {trainer.global_step})")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step  # already incremented: the step just taken
-        self.losses[step] = outputs["loss"].item()
+        self.taken += 1
+        key = (trainer.current_epoch, batch_idx)
+        self.losses[key] = outputs["loss"].item()
         rows = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0)
-        self.batches[step] = sorted(tuple(r[r != 0].tolist()) for r in rows)
+        self.batches[key] = sorted(tuple(r[r != 0].tolist()) for r in rows)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +58,15 @@ def varied_rows(tmp_path_factory):
     return path
 
 
-def run(model_dir, data, root, cache, recorder, ckpt_path=None, **module_kw):
-    kw = dict(exit_layer=1, lora_rank=4, lora_dropout=0.2, warmup_steps=2, learning_rate=5e-3,
-              exit_loss="mix", exit_head="trainable")
+def run(model_dir, data, root, cache, recorder, ckpt_path=None, accumulate=1, **module_kw):
+    kw = dict(exit_layer=1, lora=LoraSettings(rank=4, dropout=0.2), optimizer=OptimizerSettings(lr=5e-3, warmup_steps=2),
+              loss=LossSettings(exit_loss="mix"), draft=DraftSettings(exit_head="trainable"))
     kw.update(module_kw)
     module = KangarooLitModule(base_model=str(model_dir), **kw)
     dm = InstructionDataModule(tokenizer=str(model_dir), data_path=str(data), batch_size=4, max_length=64,
                                num_workers=0, val_fraction=0.0, test_fraction=0.0, seed=7, cache_dir=str(cache))
-    trainer = L.Trainer(max_steps=TOTAL_STEPS, accelerator="cpu", logger=False, default_root_dir=root,
+    trainer = L.Trainer(max_steps=TOTAL_STEPS // accumulate, accumulate_grad_batches=accumulate,
+                        accelerator="cpu", logger=False, default_root_dir=root,
                         callbacks=[KangarooCheckpoint(every_n_train_steps=1), recorder],
                         use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False)
     L.seed_everything(123)
@@ -68,28 +78,39 @@ def trainable_state(module):
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-def test_resume_mid_epoch_is_exact(tiny_llama_dir, varied_rows, tmp_path):
-    straight = Recorder()
-    reference = run(tiny_llama_dir, varied_rows, tmp_path / "a", tmp_path / "cache", straight)
-    assert sorted(straight.losses) == list(range(1, TOTAL_STEPS + 1))
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_resume_is_exact(tiny_llama_dir, varied_rows, tmp_path, scenario):
+    """N micro-batches straight == crash, resume from last.ckpt, go on to N: batches, losses, weights.
 
-    first = Recorder(crash_at=CRASH_AT)
+    LoRA dropout 0.2 makes the losses depend on the RNG state, so a resume that restores it at the
+    wrong moment (e.g. after the new epoch's loader drew from it) shows up as different losses.
+    """
+    crash_after, accumulate = SCENARIOS[scenario]["crash_after"], SCENARIOS[scenario]["accumulate"]
+    straight = Recorder()
+    reference = run(tiny_llama_dir, varied_rows, tmp_path / "a", tmp_path / "cache", straight, accumulate=accumulate)
+    assert len(straight.losses) == TOTAL_STEPS
+
+    first = Recorder(crash_after=crash_after)
     with pytest.raises(Crash):
-        run(tiny_llama_dir, varied_rows, tmp_path / "b", tmp_path / "cache", first)
+        run(tiny_llama_dir, varied_rows, tmp_path / "b", tmp_path / "cache", first, accumulate=accumulate)
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == CRASH_AT
+    saved_step = torch.load(last, weights_only=True)["global_step"]
+    assert saved_step == crash_after // accumulate  # a mid-cycle crash loses the partial cycle
 
     second = Recorder()
-    resumed = run(tiny_llama_dir, varied_rows, tmp_path / "b", tmp_path / "cache", second, ckpt_path=str(last))
-    assert sorted(second.losses) == list(range(CRASH_AT + 1, TOTAL_STEPS + 1))
+    resumed = run(tiny_llama_dir, varied_rows, tmp_path / "b", tmp_path / "cache", second, ckpt_path=str(last),
+                  accumulate=accumulate)
+    # The resumed run redoes the micro-batches of an unfinished accumulation cycle, then goes on.
+    redone = crash_after - saved_step * accumulate
+    assert len(second.losses) == TOTAL_STEPS - crash_after + redone
 
     combined_losses = {**first.losses, **second.losses}
     combined_batches = {**first.batches, **second.batches}
     # Same batches in the same order: nothing seen twice or skipped within the epoch.
     assert combined_batches == straight.batches
     # fp32 on CPU: identical arithmetic, so agreement to 1e-6 relative is required.
-    for step, loss in straight.losses.items():
-        assert combined_losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), f"step {step}"
+    for key, loss in straight.losses.items():
+        assert combined_losses[key] == pytest.approx(loss, rel=1e-6, abs=1e-7), f"(epoch, batch) {key}"
     ref_state, res_state = trainable_state(reference), trainable_state(resumed)
     assert ref_state.keys() == res_state.keys()
     for name in ref_state:
@@ -101,7 +122,7 @@ def early_checkpoint(tiny_llama_dir, varied_rows, tmp_path_factory):
     """last.ckpt of a run (the defaults of :func:`run`) that crashed after 2 steps."""
     root = tmp_path_factory.mktemp("early")
     with pytest.raises(Crash):
-        run(tiny_llama_dir, varied_rows, root / "r", root / "cache", Recorder(crash_at=2))
+        run(tiny_llama_dir, varied_rows, root / "r", root / "cache", Recorder(crash_after=2))
     return root / "r" / "checkpoints" / "last.ckpt"
 
 
@@ -109,9 +130,9 @@ def early_checkpoint(tiny_llama_dir, varied_rows, tmp_path_factory):
     "change, expected",
     [
         ({"exit_layer": 2}, r"exit_layer: checkpoint 1, this model 2"),
-        ({"lora_rank": 8}, r"(?s)lora_rank: checkpoint 4, this model 8.*shape of model\.base"),
-        ({"exit_head": "shared"}, r"(?s)exit_head: checkpoint 'trainable'.*not in this model: model\.exit_proj"),
-        ({"lora_target_modules": ["q_proj"]}, r"lora_target_modules"),
+        ({"lora": LoraSettings(rank=8, dropout=0.2)}, r"(?s)lora.rank: checkpoint 4, this model 8.*shape of model\.base"),
+        ({"draft": DraftSettings()}, r"(?s)draft.exit_head: checkpoint 'trainable'.*not in this model: model\.exit_proj"),
+        ({"lora": LoraSettings(rank=4, dropout=0.2, target_modules=["q_proj"])}, r"lora.target_modules"),
     ],
 )
 def test_resume_with_another_configuration_is_refused(tiny_llama_dir, varied_rows, tmp_path, early_checkpoint,

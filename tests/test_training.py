@@ -5,46 +5,17 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kangaroo_lit.checkpointing import KangarooCheckpoint
-from kangaroo_lit.lit_module import KangarooLitModule, NonFiniteLossError
-
-
-def toy_batches(n_batches=4, batch=2, length=12, vocab=300, seed=0):
-    """Right-padded batches with a masked prompt, as the data module makes them."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, vocab, (batch, length), generator=g)
-        attn = torch.ones_like(ids)
-        attn[1, -3:] = 0
-        labels = ids.clone()
-        labels[:, :4] = -100
-        labels[attn == 0] = -100
-        out.append({"input_ids": ids, "attention_mask": attn, "labels": labels})
-    return out
-
-
-def make_module(model_dir, **kw):
-    kw.setdefault("exit_layer", 1)
-    kw.setdefault("lora_rank", 4)
-    kw.setdefault("warmup_steps", 1)
-    kw.setdefault("learning_rate", 1e-2)
-    module = KangarooLitModule(base_model=str(model_dir), **kw)
-    module.configure_model()
-    return module
-
-
-def fit(module, batches, max_steps=3, **trainer_kw):
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
-    trainer.fit(module, DataLoader(batches, batch_size=None))
-    return trainer
+from kangaroo_lit.checkpointing import SETTINGS_KEY, CheckpointMismatchError, KangarooCheckpoint
+from kangaroo_lit.lit_module import NonFiniteLossError
+from kangaroo_lit.settings import DraftSettings, LoraSettings, LossSettings
+from tests.helpers import fit, make_module, toy_batches
 
 
 @pytest.mark.parametrize("detach_exit", [True, False])
 @pytest.mark.parametrize("lora_scope", ["draft", "shared"])
 def test_only_trainable_parameters_move(tiny_llama_dir, detach_exit, lora_scope):
-    module = make_module(tiny_llama_dir, detach_exit=detach_exit, lora_scope=lora_scope, exit_head="trainable")
+    module = make_module(tiny_llama_dir, loss=LossSettings(detach_exit=detach_exit),
+                         lora=LoraSettings(rank=4, scope=lora_scope), draft=DraftSettings(exit_head="trainable"))
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trainable, "something must train"
@@ -59,7 +30,7 @@ def test_only_trainable_parameters_move(tiny_llama_dir, detach_exit, lora_scope)
 
 @pytest.mark.parametrize("lora_scope", ["draft", "shared"])
 def test_sgp_keeps_no_graph_through_deep_layers(tiny_llama_dir, lora_scope):
-    module = make_module(tiny_llama_dir, lora_scope=lora_scope, detach_exit=True)
+    module = make_module(tiny_llama_dir, lora=LoraSettings(rank=4, scope=lora_scope))
     grad_modes = {}
 
     def record(idx):
@@ -74,7 +45,7 @@ def test_sgp_keeps_no_graph_through_deep_layers(tiny_llama_dir, lora_scope):
     batch = toy_batches(1)[0]
     module.train()
     out = module.model(batch["input_ids"], batch["attention_mask"], detach_exit=True)
-    deep = range(module.hparams.exit_layer + 1, len(layers))
+    deep = range(module.settings.exit_layer + 1, len(layers))
     assert all(not any(grad_modes[i]) for i in deep), grad_modes
     assert not out.main_logits.requires_grad and out.exit_logits.requires_grad
 
@@ -85,7 +56,7 @@ def test_sgp_keeps_no_graph_through_deep_layers(tiny_llama_dir, lora_scope):
 
 
 def test_draft_scope_verifier_stays_the_base_after_training(tiny_llama_dir):
-    module = make_module(tiny_llama_dir, lora_scope="draft", exit_loss="kd")
+    module = make_module(tiny_llama_dir, lora=LoraSettings(rank=4, scope="draft"), loss=LossSettings(exit_loss="kd"))
     ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(3))
     from kangaroo_lit.architectures import load_base_model
 
@@ -122,7 +93,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_llama_dir, tmp_
 
 
 def test_checkpoint_holds_only_trainable_tensors(tiny_llama_dir, tmp_path):
-    module = make_module(tiny_llama_dir, exit_head="trainable")
+    module = make_module(tiny_llama_dir, draft=DraftSettings(exit_head="trainable"))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, default_root_dir=tmp_path,
                         callbacks=[KangarooCheckpoint()], enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(toy_batches(2), batch_size=None))
@@ -132,57 +103,46 @@ def test_checkpoint_holds_only_trainable_tensors(tiny_llama_dir, tmp_path):
     base_tensors = {p.data_ptr() for p in module.model.causal_lm.parameters() if not p.requires_grad}
     assert not any(t.data_ptr() in base_tensors for t in ckpt["state_dict"].values())
     assert not any("embed_tokens" in k or "mlp" in k and "lora" not in k for k in keys)
-    assert ckpt["kangaroo_structure"]["exit_layer"] == 1
+    assert ckpt[SETTINGS_KEY]["exit_layer"] == 1 and ckpt[SETTINGS_KEY]["draft"]["exit_head"] == "trainable"
 
 
 class WriteFailure(Exception):
     pass
 
 
-def _fail_midway(trainer, monkeypatch):
-    """Make the next checkpoint write produce half a file and then raise."""
-    io = trainer.strategy.checkpoint_io
-
-    def broken_save(checkpoint, path, storage_options=None):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half a checkpoint")
-        raise WriteFailure("disk full")
-
-    monkeypatch.setattr(io, "save_checkpoint", broken_save)
-
-
-@pytest.mark.parametrize("atomic", [True, False])
-def test_failed_checkpoint_write_keeps_previous_last(tiny_llama_dir, tmp_path, monkeypatch, atomic):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def test_failed_checkpoint_write_keeps_previous_last(tiny_llama_dir, tmp_path, monkeypatch):
+    """A write that dies half-way (disk full, killed job) leaves the previous last.ckpt intact."""
     module = make_module(tiny_llama_dir)
     ckpt_dir = tmp_path / "checkpoints"
-    callback = (KangarooCheckpoint(every_n_train_steps=1) if atomic
-                else ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True, save_top_k=0))
 
     class FailAtStep3(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 2:
-                _fail_midway(trainer, monkeypatch)
+                # torch.save dies after writing part of the file
+                def broken_save(obj, f, *args, **kwargs):
+                    f.write(b"PK\x03\x04 half a checkpoint")
+                    raise WriteFailure("disk full")
+
+                monkeypatch.setattr(torch, "save", broken_save)
 
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, default_root_dir=tmp_path,
-                        callbacks=[FailAtStep3(), callback], enable_progress_bar=False, enable_model_summary=False)
+                        callbacks=[FailAtStep3(), KangarooCheckpoint(every_n_train_steps=1)],
+                        enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(WriteFailure):
         trainer.fit(module, DataLoader(toy_batches(6), batch_size=None))
-    last = ckpt_dir / "last.ckpt"
-    if atomic:
-        assert torch.load(last, weights_only=True)["global_step"] == 2  # intact and loadable
-    else:  # the plain callback shows what the atomic write protects against
-        with pytest.raises(Exception):  # noqa: B017
-            torch.load(last, weights_only=True)
+    monkeypatch.undo()
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 2  # intact and loadable
+    assert list(ckpt_dir.glob("*.ckpt.partial"))  # the torn write went elsewhere
+    for path in ckpt_dir.glob("*.ckpt"):  # and every checkpoint file there is complete
+        torch.load(path, weights_only=True)
 
 
 def test_structure_check_without_state_dict_as_deepspeed_restores(tiny_llama_dir):
-    """DeepSpeed loads the weights itself: the hook then sees no "state_dict", only the structure."""
-    from kangaroo_lit.lit_module import CheckpointMismatchError
-
+    """DeepSpeed loads the weights itself: the hook then sees no "state_dict", only the settings."""
     module = make_module(tiny_llama_dir)
-    module.on_load_checkpoint({"kangaroo_structure": module.structure()})  # same structure: accepted
-    other = dict(module.structure(), exit_layer=2)
+    module.on_load_checkpoint({SETTINGS_KEY: module.settings.to_dict()})  # same structure: accepted
+    other = dict(module.settings.to_dict(), exit_layer=2)
     with pytest.raises(CheckpointMismatchError, match="exit_layer: checkpoint 2, this model 1"):
-        module.on_load_checkpoint({"kangaroo_structure": other})
+        module.on_load_checkpoint({SETTINGS_KEY: other})
+    with pytest.raises(CheckpointMismatchError, match="holds no 'kangaroo_settings'"):
+        module.on_load_checkpoint({"state_dict": {}})

@@ -9,7 +9,7 @@ right-padded dict batches (``collate.py``).
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -34,6 +34,10 @@ from kangaroo_lit.embedded import resolve_path
 log = logging.getLogger(__name__)
 
 DOLLY_HUB_NAME = "databricks/databricks-dolly-15k"
+
+
+def _only_item(items: list[dict]) -> dict:
+    return items[0]
 
 
 def split_count(n: int, fraction: float) -> int:
@@ -158,6 +162,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.loaded_from_cache = False
         self._train_sampler: LengthGroupedBatchSampler | None = None
         self._resume: tuple[int, int] | None = None
+        self._position: tuple[int, int] = (0, 0)  # (epoch, training batches taken in it)
 
     # ----------------------------------------------------------------------------------------------
     # Loading
@@ -270,19 +275,10 @@ class InstructionDataModule(L.LightningDataModule):
     # Dataloaders
 
     def _replicas(self) -> tuple[int, int]:
+        # With use_distributed_sampler left on, Lightning itself refuses this batch sampler with a
+        # message that names the fix (it is not a torch BatchSampler); the CLI turns it off.
         trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        world, rank = int(trainer.world_size), int(trainer.global_rank)
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if world > 1 and getattr(connector, "use_distributed_sampler", False):
-            # Lightning would otherwise try to wrap our batch sampler around a DistributedSampler,
-            # which this sampler cannot take: it shards by itself.
-            raise ValueError(
-                "InstructionDataModule shards batches itself: run the Trainer with "
-                "use_distributed_sampler=False (--trainer.use_distributed_sampler false)"
-            )
-        return world, rank
+        return (1, 0) if trainer is None else (int(trainer.world_size), int(trainer.global_rank))
 
     def _loader(self, dataset: TokenDataset, sampler: LengthGroupedBatchSampler) -> DataLoader:
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
@@ -293,6 +289,10 @@ class InstructionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=self.num_workers > 0,
+            # Each new iterator draws a base seed for its workers; from its own generator, not the
+            # global RNG that LoRA dropout uses, so starting an epoch does not shift the dropout
+            # masks (an exact resume at an epoch boundary depends on it, see kangaroo_lit.rng).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _require_setup(self) -> None:
@@ -314,8 +314,9 @@ class InstructionDataModule(L.LightningDataModule):
             num_replicas=replicas,
             rank=rank,
             group_by_length=self.length_grouping,
+            # The epoch is the trainer's at the moment an iteration starts (no hook needed).
+            epoch_fn=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
         )
-        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         self._train_sampler = sampler
         self._apply_resume()
         return self._loader(self.train_dataset, sampler)
@@ -363,7 +364,9 @@ class InstructionDataModule(L.LightningDataModule):
             prompt = render_prompt(entry, self.tokenizer, self.use_chat_template)
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
             items.append({"index": index, "prompt": prompt, "input_ids": ids})
-        return DataLoader(items, batch_size=None, shuffle=False)
+        # batch_size=1 with an unwrapping collate (not batch_size=None), so Lightning can infer the
+        # batch indices the prediction writer receives.
+        return DataLoader(items, batch_size=1, shuffle=False, collate_fn=_only_item)
 
     # ----------------------------------------------------------------------------------------------
     # Resume
@@ -373,25 +376,53 @@ class InstructionDataModule(L.LightningDataModule):
         """The sampler of the last ``train_dataloader()``, or None before one was built."""
         return self._train_sampler
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches the loop actually takes (not those a loader prefetched)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch, done = self._position
+            epoch_now = int(trainer.current_epoch)
+            self._position = (epoch_now, (done if epoch == epoch_now else 0) + 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, saved in every checkpoint: ``epoch``, ``batches_done`` in it (this rank's
+        training batches taken so far), and what makes that position meaningful (``seed``,
+        ``batch_size``, ``num_replicas``)."""
+        epoch, done = self._position
+        return {"epoch": epoch, "batches_done": done, "seed": self.seed, "batch_size": self.batch_size,
+                "num_replicas": self._replicas()[0]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch where the checkpoint left off (:meth:`set_resume_position`).
+
+        A checkpoint made with another seed, batch size or process count has other batches: then
+        there is no exact position to resume at, which is logged, and the epoch restarts at its first
+        batch.
+        """
+        saved = {k: state_dict.get(k) for k in ("seed", "batch_size", "num_replicas")}
+        current = {"seed": self.seed, "batch_size": self.batch_size, "num_replicas": self._replicas()[0]}
+        changed = [f"{k}: checkpoint {saved[k]}, now {current[k]}" for k in saved if saved[k] != current[k]]
+        if changed:
+            log.warning("the data order changed since the checkpoint (%s): the resumed epoch restarts at its "
+                        "first batch, so the resume is not exact", "; ".join(changed))
+            self.set_resume_position(int(state_dict["epoch"]), 0)
+            return
+        self.set_resume_position(int(state_dict["epoch"]), int(state_dict["batches_done"]))
+
     def set_resume_position(self, epoch: int, batches_done: int) -> None:
         """Resume mid-epoch: the next pass over ``epoch`` skips its first ``batches_done`` batches.
 
-        Called by the training module when it restores a checkpoint (before or after the train
-        dataloader is built). ``batches_done`` counts this rank's batches, i.e. the trainer's batch
-        index within the epoch, so the skipped batches are exactly those already trained on. With
-        Lightning's checkpoint loops (tested, see ``tests/test_data_datamodule.py``)::
-
-            loops = checkpoint["loops"]["fit_loop"]  # in on_load_checkpoint
-            epoch = loops["epoch_progress"]["current"]["processed"]
-            batches_done = loops["epoch_loop.batch_progress"]["current"]["processed"]
-            # then, e.g. in on_fit_start: trainer.datamodule.set_resume_position(epoch, batches_done)
-
+        Called by :meth:`load_state_dict` when Lightning restores a checkpoint (before or after the
+        train dataloader is built). ``batches_done`` counts this rank's batches, i.e. the trainer's
+        batch index within the epoch, so the skipped batches are exactly those already trained on.
         The train dataloader keeps reporting a full epoch's length: Lightning's restored progress
         starts at ``batches_done`` and counts up to it.
         """
         if epoch < 0 or batches_done < 0:
             raise ValueError(f"epoch and batches_done must be >= 0, got {epoch}, {batches_done}")
         self._resume = (int(epoch), int(batches_done))
+        self._position = self._resume
         self._apply_resume()
 
     def _apply_resume(self) -> None:

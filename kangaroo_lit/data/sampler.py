@@ -14,27 +14,17 @@ the current epoch, once.
 Multi-process training: every rank gets a disjoint share of equal count (batches are padded by
 repetition, or trimmed with ``drop_last``). With Lightning set ``Trainer(use_distributed_sampler=False)``
 so that it does not try to inject its own ``DistributedSampler``: this sampler shards itself.
+
+The epoch comes from ``set_epoch`` or, when given, from ``epoch_fn`` read as each iteration starts
+(the data module passes the trainer's current epoch, so nothing has to call ``set_epoch``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
-
-
-class _EpochHandle:
-    """What Lightning sees as ``batch_sampler.sampler``: it calls ``set_epoch`` on that object each epoch."""
-
-    def __init__(self, owner: LengthGroupedBatchSampler):
-        self._owner = owner
-
-    def set_epoch(self, epoch: int) -> None:
-        self._owner.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self._owner.lengths)
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -54,6 +44,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         mega_batch_mult: mega-batch size in batches.
         group_by_length: sort within mega-batches; False gives plain seeded random batching with the
             same resume and sharding semantics.
+        epoch_fn: if given, called as each iteration starts to select the epoch (overrides ``set_epoch``).
     """
 
     def __init__(
@@ -67,6 +58,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         mega_batch_mult: int = 50,
         group_by_length: bool = True,
+        epoch_fn: Callable[[], int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,7 +79,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         # (epoch, k): the next iteration of ``epoch`` skips its first k batches.
         self._pending_start: tuple[int, int] | None = None
         self._batches_yielded = 0
-        self.sampler = _EpochHandle(self)
+        self.epoch_fn = epoch_fn
 
     # ----------------------------------------------------------------------------------------------
     # The pure part
@@ -180,6 +172,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return pending[1] if pending[0] == self.epoch else 0
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.epoch_fn is not None:
+            self.set_epoch(self.epoch_fn())
         batches = self.batches_for_epoch(self.epoch)
         start = self._take_start()
         self._batches_yielded = start
