@@ -12,7 +12,7 @@ from kangaroo_lit.embedded import ASSETS_DIR
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-OVERLAYS = {"joint.yaml", "deepspeed-zero2.yaml"}  # applied on top of another config
+OVERLAYS = {"joint.yaml", "shared-lora.yaml", "deepspeed-zero2.yaml"}  # applied on top of another config
 DOLLY_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "dolly-tiny.jsonl"
 STORIES_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "stories.jsonl"
 
@@ -32,7 +32,7 @@ def cpu_overrides(tmp_path, model_dir, data_format="dolly"):
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"tiny.yaml", "llama2-7b-sgp.yaml", "sgp.yaml", "kangaroo.yaml", "joint.yaml"} <= names
+    assert {"tiny.yaml", "sgp.yaml", "kangaroo.yaml", "joint.yaml", "shared-lora.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OVERLAYS], ids=lambda p: p.name)
@@ -41,24 +41,27 @@ def test_every_config_runs_fast_dev_run(config, tmp_path, tiny_llama_dir):
     cli = run_lightning(["fit", "--config", str(config), *cpu_overrides(tmp_path, tiny_llama_dir, data_format)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
-    # the config's meaning survives the substitutions
+    # the config's meaning survives the substitutions: every grouped setting it gives reaches the module
     original = yaml.safe_load(config.read_text())["model"]
-    for key in ("lora_scope", "lora_rank", "exit_loss", "beta_exit", "detach_exit"):
-        if key in original:
-            assert cli.model.hparams[key] == original[key]
+    for group in ("lora", "draft", "loss", "optimizer", "decoding"):
+        for key, value in original.get(group, {}).items():
+            assert getattr(getattr(cli.model.settings, group), key) == pytest.approx(value), f"{group}.{key}"
 
 
-def test_joint_overlay_turns_detach_off(tmp_path, tiny_llama_dir):
-    cli = run_lightning(["fit", "--config", str(REPO_ROOT / "configs/llama2-7b-sgp.yaml"),
+def test_overlays_set_scope_and_joint_mode(tmp_path, tiny_llama_dir):
+    cli = run_lightning(["fit", "--config", str(REPO_ROOT / "configs/sgp.yaml"),
+                         "--config", str(REPO_ROOT / "configs/shared-lora.yaml"),
                          "--config", str(REPO_ROOT / "configs/joint.yaml"), *cpu_overrides(tmp_path, tiny_llama_dir)])
-    assert cli.model.hparams.detach_exit is False
-    assert cli.model.hparams.lora_scope == "shared"
+    assert cli.model.settings.loss.detach_exit is False
+    assert cli.model.settings.lora.scope == "shared"
+    assert cli.model.settings.lora.rank == 8  # the rest of sgp.yaml's LoRA group is kept
 
 
 def test_print_config_round_trips(tmp_path, capsys):
-    config = REPO_ROOT / "configs" / "llama2-7b-sgp.yaml"
+    config = REPO_ROOT / "configs" / "sgp.yaml"
     with pytest.raises(SystemExit):
-        run_lightning(["fit", "--config", str(config), "--model.exit_layer", "5", "--print_config"])
+        run_lightning(["fit", "--config", str(config), "--model.exit_layer", "5", "--model.lora.scope", "shared",
+                       "--print_config"])
     printed = capsys.readouterr().out
     dumped = tmp_path / "printed.yaml"
     dumped.write_text(printed)
@@ -67,7 +70,7 @@ def test_print_config_round_trips(tmp_path, capsys):
     again = capsys.readouterr().out
     assert yaml.safe_load(again) == yaml.safe_load(printed)
     parsed = yaml.safe_load(printed)
-    assert parsed["model"]["exit_layer"] == 5
+    assert parsed["model"]["exit_layer"] == 5 and parsed["model"]["lora"]["scope"] == "shared"
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / "tiny-llama").is_dir(), reason="embedded model not built")
@@ -86,10 +89,11 @@ def test_console_script_fit_on_the_embedded_default(tmp_path, capsys):
 
     import json
 
-    assert main(["export", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "art")]) == 0
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert main(["export", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "art")]) == 0
     capsys.readouterr()
     assert main(["generate", "--artifact", str(tmp_path / "art"), "--format", "instruction", "--prompt",
-                 "What is 7 plus 1?", "--max-new-tokens", "24", "--compare-vanilla", "--json"]) == 0
+                 "What is 7 plus 1?", "--max_new_tokens", "24", "--compare_vanilla", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["identical"] is True and data["text"].strip() == "7 plus 1 is 8."  # the base model's answer
     assert sum(data["accept_lengths"]) == data["new_tokens"]
@@ -102,11 +106,25 @@ def test_resume_cli_reports_disagreeing_arguments(tmp_path, tiny_llama_dir, caps
     run_lightning(args)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    code = main([*args, "--model.exit_layer", "2", "--model.beta_exit", "0.3", "--ckpt_path", str(last)])
+    code = main([*args, "--model.exit_layer", "2", "--model.loss.beta_exit", "0.3", "--model.decoding.threshold",
+                 "0.3", "--ckpt_path", str(last)])
     err = capsys.readouterr().err
     assert code == 2
     assert "model.exit_layer: checkpoint has 1, this run asks for 2" in err
-    assert "model.beta_exit: checkpoint has 0.7, this run asks for 0.3" in err
+    assert "model.loss.beta_exit: checkpoint has 0.7, this run asks for 0.3" in err
+    assert "decoding.threshold" not in err  # decoding settings are free to change on resume
+
+
+def test_resume_cli_adopts_checkpoint_settings_left_at_default(tmp_path, tiny_llama_dir, capsys):
+    """``--ckpt_path`` with a config that leaves a setting at its default resumes the checkpoint's value."""
+    args = ["fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"), *cpu_overrides(tmp_path, tiny_llama_dir)]
+    args[args.index("--trainer.fast_dev_run") + 1] = "false"
+    args += ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]
+    run_lightning([*args, "--model.loss.kd_weight", "0.25"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    cli = run_lightning([*args, "--trainer.max_steps", "2", "--ckpt_path", str(last)])
+    assert cli.model.settings.loss.kd_weight == 0.25  # default 0.5 in the command line: adopted
+    assert cli.trainer.global_step == 2
 
 
 def test_usage_without_arguments(capsys):
@@ -140,7 +158,7 @@ def test_predict_decodes_prompts_losslessly(tmp_path, tiny_llama_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"instruction": "Name a colour."}\n{"prompt": "Once upon a time"}\n')
     out = tmp_path / "preds.jsonl"
-    run_lightning(["predict", *args, "--data.predict_path", str(prompts), "--model.max_new_tokens", "12",
+    run_lightning(["predict", *args, "--data.predict_path", str(prompts), "--model.decoding.max_new_tokens", "12",
                    "--ckpt_path", str(ckpt), "--trainer.callbacks+=kangaroo_lit.callbacks.JsonlPredictionWriter",
                    "--trainer.callbacks.output_path", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -162,11 +180,11 @@ def test_deepspeed_overlay_parses_and_builds_its_strategy(capsys):
         run_lightning(["fit", "--config", str(REPO_ROOT / "configs/sgp.yaml"),
                        "--config", str(REPO_ROOT / "configs/deepspeed-zero2.yaml"), "--print_config"])
     strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
-    assert strategy["class_path"].endswith("DeepSpeedStrategy")
+    assert strategy["class_path"] == "kangaroo_lit.checkpointing.KangarooDeepSpeedStrategy"
     pytest.importorskip("deepspeed")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from kangaroo_lit.checkpointing import KangarooDeepSpeedStrategy
 
-    built = DeepSpeedStrategy(**{k: strategy["init_args"][k] for k in ("stage", "exclude_frozen_parameters")})
+    built = KangarooDeepSpeedStrategy(**{k: strategy["init_args"][k] for k in ("stage", "exclude_frozen_parameters")})
     assert built.config["zero_optimization"]["stage"] == 2
 
 
