@@ -76,7 +76,8 @@ class KangarooAdapter(nn.Module):
                 cast to the adapter's dtype and the result cast back).
             position_embeddings: RoPE ``(cos, sin)``, each (B, T, head_dim), from the base's rotary.
             attention_mask: (B, 1, T, T_past + T) additive mask, or None for plain causal attention
-                without cache (SDPA's causal flag).
+                without cache under SDPA only (its causal flag); HF's eager attention reads None as
+                bidirectional, so it always needs the mask (``KangarooModel._masks`` decides).
             cache: the adapter's own one-layer cache, updated in place.
 
         Returns:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from kangaroo_lit.run_info import RunInfoCallback
 OWN_SUBCOMMANDS: dict[str, str] = {
     "export": "kangaroo_lit.cli_export:main",
     "generate": "kangaroo_lit.cli_generate:main",
-    "bench": "kangaroo_lit.bench_decode:main",
+    "bench": "kangaroo_lit.bench.cli:main",
 }
 
 
@@ -108,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     try:
-        # From the console the arguments are sys.argv's: let LightningCLI read them itself (passing
-        # them again as ``args`` makes it warn about arguments given twice).
-        run_lightning(None if argv == sys.argv[1:] else argv)
+        with warnings.catch_warnings():
+            # Two Lightning warnings that are wrong for this module and data module, silenced for this
+            # command only: the frozen HF base stays in eval mode on purpose (no dropout in the model
+            # being served), and the data module's loader does resume mid-epoch exactly (its position
+            # travels in the data module's state_dict, which Lightning's check does not look at).
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+            warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+            # From the console the arguments are sys.argv's: let LightningCLI read them itself (passing
+            # them again as ``args`` makes it warn about arguments given twice).
+            run_lightning(None if argv == sys.argv[1:] else argv)
     except CheckpointConfigMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

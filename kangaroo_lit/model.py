@@ -27,23 +27,43 @@ from transformers.cache_utils import Cache
 from kangaroo_lit.adapter import KangarooAdapter
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
 
-# peft 0.21 asks transformers 5.2x a deprecated question on every get_peft_model; nothing to act on.
-warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-
 LoraScope = Literal["draft", "shared"]
 ExitHeadMode = Literal["shared", "trainable"]
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# HF attention backends that take the 4-D additive masks of :func:`causal_attention_mask`. (Flash
+# attention reads a 2-D padding mask instead, flex attention a BlockMask: not supported.)
+SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
-    """LoRA on the shallow layers. ``rank == 0`` turns LoRA off (pure Kangaroo)."""
+    """LoRA on the shallow layers ``0..exit_layer``.
 
-    rank: int = 8
-    alpha: float = 16.0
+    Fields marked ``structural`` define the trainable tensors: a checkpoint must match them
+    (:mod:`kangaroo_lit.settings`).
+
+    Args:
+        rank: LoRA rank; 0 turns LoRA off (pure Kangaroo).
+        alpha: scaling numerator (scale = alpha / rank).
+        dropout: dropout on the LoRA input.
+        target_modules: module names LoRA wraps (the Llama names also fit Mistral, Qwen2 and Qwen3).
+        scope: ``draft`` (LoRA only on the draft path; the verifier stays the untouched base) or
+            ``shared`` (LoRA in both paths, the original SGP code; lossless only w.r.t. the merged model).
+    """
+
+    rank: int = field(default=8, metadata={"structural": True})
+    alpha: float = field(default=16.0, metadata={"structural": True})
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
-    scope: LoraScope = "draft"
+    target_modules: list[str] = field(
+        default_factory=lambda: list(LLAMA_TARGET_MODULES), metadata={"structural": True}
+    )
+    scope: LoraScope = field(default="draft", metadata={"structural": True})
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        if self.scope not in ("draft", "shared"):
+            raise ValueError(f"lora.scope must be 'draft' or 'shared', got {self.scope!r}")
 
 
 @dataclass
@@ -85,6 +105,15 @@ def causal_attention_mask(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def check_right_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:
+    """Raise a ValueError unless ``attention_mask`` has ``shape`` and no real token follows a pad in a row."""
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(shape)}")
+    real = attention_mask.bool()
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):
+        raise ValueError("attention_mask: padding must be on the right (a real token follows a pad)")
+
+
 class KangarooModel(nn.Module):
     """A frozen base LM with shallow LoRA, a Kangaroo adapter and an exit head.
 
@@ -107,6 +136,12 @@ class KangarooModel(nn.Module):
     ) -> None:
         super().__init__()
         check_architecture(base.config)
+        attn_implementation = getattr(base.config, "_attn_implementation", None)
+        if attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attn_implementation {attn_implementation!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ATTENTION)}"
+            )
         num_layers = base.config.num_hidden_layers
         check_exit_layer(exit_layer, num_layers)
         if exit_head not in ("shared", "trainable"):
@@ -154,7 +189,12 @@ class KangarooModel(nn.Module):
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            base = get_peft_model(base, peft_config)
+            with warnings.catch_warnings():
+                # peft 0.21 asks transformers 5.2x a deprecated question here; nothing to act on.
+                warnings.filterwarnings(
+                    "ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning
+                )
+                base = get_peft_model(base, peft_config)
             for p in base.parameters():
                 if p.requires_grad:
                     p.data = p.data.to(trainable_dtype)
@@ -238,15 +278,28 @@ class KangarooModel(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
     ) -> dict[str, torch.Tensor | None]:
-        """Masks per attention type. None means "SDPA's causal flag": only valid without past, padding
-        left of real tokens, or a sliding window shorter than the sequence."""
+        """Additive masks per attention type (the decoder layers' and the adapter's).
+
+        None is returned only where it means exactly the causal mask: HF's SDPA attention turns a None
+        mask with more than one query into ``is_causal=True`` (which keeps SDPA's fused causal kernels),
+        and that flag is top-left aligned, so it is right only without past keys, without padding and
+        within the sliding window. HF's eager attention has no causal flag: None there is bidirectional
+        attention (future tokens would leak into every position), so any backend but SDPA, in the base
+        layers or the adapter, always gets the explicit mask of :func:`causal_attention_mask`.
+        """
         kv_length = past_length + query_length
         window = getattr(self.config, "sliding_window", None)
-        plain_causal = past_length == 0 and (padding_mask is None or bool(padding_mask[:, :kv_length].all()))
+        sdpa_only = self.config._attn_implementation == "sdpa" and self.adapter.config._attn_implementation == "sdpa"
+        plain_causal = (
+            sdpa_only
+            and query_length > 1
+            and past_length == 0
+            and (padding_mask is None or bool(padding_mask[:, :kv_length].all()))
+        )
         masks: dict[str, torch.Tensor | None] = {}
         for layer_type in set(self._layer_types) | {self.adapter.layer_type}:
             sliding = window if layer_type == "sliding_attention" else None
-            if plain_causal and (sliding is None or kv_length <= sliding) and query_length > 1:
+            if plain_causal and (sliding is None or kv_length <= sliding):
                 masks[layer_type] = None
             else:
                 masks[layer_type] = causal_attention_mask(
@@ -368,11 +421,15 @@ class KangarooModel(nn.Module):
         detach_exit: bool = True,
         compute_exit: bool = True,
     ) -> TwoPathOutput:
-        """Both paths over a right-padded batch.
+        """Both paths over a batch, right-padded if padded at all.
 
         Args:
             input_ids: (B, T) token ids.
-            attention_mask: (B, T), 1 for real tokens; padding must be on the right.
+            attention_mask: (B, T), 1 (or True) for real tokens, 0 for padding; padding must be on the
+                right (a ValueError otherwise). It is checked, not passed to the attention: under the
+                causal mask a real token never attends to a later position, so right padding cannot
+                change the logits at real positions (SDPA keeps its fused causal kernel). The logits at
+                padding positions are meaningless; the losses ignore them (label -100).
             detach_exit: SGP. The full path gets a detached shallow state and runs its deep layers
                 under ``no_grad``, so ``loss_main`` reaches no trainable weight and keeps no activations.
             compute_exit: False skips adapter and exit head (``exit_logits`` is None): plain LoRA
@@ -382,9 +439,9 @@ class KangarooModel(nn.Module):
             :class:`TwoPathOutput` with (B, T, V) ``main_logits`` and ``exit_logits``.
         """
         batch, length = input_ids.shape
+        if attention_mask is not None:
+            check_right_padding(attention_mask, input_ids.shape)
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        # Right padding: a real token never attends to a pad key under the causal mask, so the
-        # padding mask is not needed (and SDPA keeps its fused causal kernel).
         hidden = self.embed(input_ids)
         draft_shallow = self.shallow(hidden, position_ids, draft=True)
         exit_logits = self.draft_logits(draft_shallow, position_ids) if compute_exit else None

@@ -13,39 +13,14 @@ from collections import Counter
 import pytest
 import torch
 
-from kangaroo_lit.architectures import load_base_model
-from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, VanillaDecoder, reference_model
-from kangaroo_lit.model import KangarooModel, LoraSettings
+from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, VanillaDecoder
+from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 MODES = ["off", "draft", "shared"]  # LoRA off, lora_scope "draft", lora_scope "shared"
 SETTINGS = [(t, m) for t in (0.0, 0.6, 1.0) for m in (1, 6)]  # (threshold, max_draft)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def build(model_dir, exit_layer: int, mode: str, seed: int = 0) -> KangarooModel:
-    base = load_base_model(str(model_dir), "float64")
-    base.generation_config.eos_token_id = None  # EOS only where a test asks for it
-    base.generation_config.pad_token_id = 0
-    lora = None if mode == "off" else LoraSettings(rank=4, alpha=8.0, dropout=0.0, scope=mode)
-    model = KangarooModel(base, exit_layer=exit_layer, lora=lora, trainable_dtype=torch.float64).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.05)
-        o_proj = model.adapter.self_attn.o_proj.weight
-        o_proj.copy_(torch.randn(o_proj.shape, generator=gen, dtype=o_proj.dtype) * 0.02)
-    return model
-
-
-def greedy_reference(model: KangarooModel, ids: torch.Tensor, max_new_tokens: int, eos=None) -> list[int]:
-    kwargs = {} if eos is None else {"eos_token_id": eos}
-    with reference_model(model) as lm:
-        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-    return out[0, ids.shape[1] :].tolist()
 
 
 def noisy_oracle(reference: list[int], prompt_length: int, seed: int, p_agree: float = 0.75):
@@ -88,7 +63,7 @@ def test_greedy_equals_generate(arch_index, tiny_model_dirs):
     # Three models per architecture; over the four, every (exit layer, LoRA mode) pair is covered.
     for m, mode in enumerate(MODES):
         exit_layer = (arch_index + m) % 3
-        model = build(tiny_model_dirs[arch], exit_layer, mode, seed=arch_index * 10 + m)
+        model = build_decoding_model(tiny_model_dirs[arch], exit_layer, mode, seed=arch_index * 10 + m)
         vocab = model.config.vocab_size
         for case in range(18):
             ids = random_prompt(rng, vocab)
@@ -136,7 +111,7 @@ def test_greedy_equals_generate(arch_index, tiny_model_dirs):
 def test_oracle_rounds_and_cache_lengths(mode, arch, tiny_model_dirs):
     """Drafts agree with the greedy continuation for exactly j tokens per round; check every cache after each."""
     max_draft = 4
-    model = build(tiny_model_dirs[arch], exit_layer=1, mode=mode)
+    model = build_decoding_model(tiny_model_dirs[arch], exit_layer=1, mode=mode)
     vocab = model.config.vocab_size
     ids = torch.tensor([[5, 17, 42, 99, 7, 64, 3]])
     prompt = ids.shape[1]
@@ -204,7 +179,7 @@ def test_oracle_rounds_and_cache_lengths(mode, arch, tiny_model_dirs):
 def test_each_layer_runs_once_per_token(mode, tiny_model_dirs):
     """Forward hooks count the tokens every decoder layer and the adapter process."""
     exit_layer = 1
-    model = build(tiny_model_dirs["llama"], exit_layer=exit_layer, mode=mode, seed=3)
+    model = build_decoding_model(tiny_model_dirs["llama"], exit_layer=exit_layer, mode=mode, seed=3)
     ids = torch.tensor([[9, 8, 7, 6, 5, 4, 3, 200, 100]])
     prompt = ids.shape[1]
     reference = greedy_reference(model, ids, 40)
@@ -271,7 +246,7 @@ def test_each_layer_runs_once_per_token(mode, tiny_model_dirs):
 @pytest.mark.parametrize("arch_index", range(len(ARCHITECTURES)), ids=ARCHITECTURES)
 def test_vanilla_equals_generate(arch_index, tiny_model_dirs):
     arch = ARCHITECTURES[arch_index]
-    model = build(tiny_model_dirs[arch], exit_layer=arch_index % 3, mode=MODES[arch_index % 3], seed=5)
+    model = build_decoding_model(tiny_model_dirs[arch], exit_layer=arch_index % 3, mode=MODES[arch_index % 3], seed=5)
     rng = random.Random(arch_index)
     for case in range(3):
         ids = random_prompt(rng, model.config.vocab_size)
@@ -286,7 +261,7 @@ def test_vanilla_equals_generate(arch_index, tiny_model_dirs):
 
 
 def test_input_errors(tiny_model_dirs):
-    model = build(tiny_model_dirs["llama"], exit_layer=1, mode="off")
+    model = build_decoding_model(tiny_model_dirs["llama"], exit_layer=1, mode="off")
     for decoder in (SelfSpeculativeDecoder(model), VanillaDecoder(model)):
         with pytest.raises(ValueError, match="batch size 1"):
             decoder.generate(torch.ones(2, 4, dtype=torch.long), 4)
@@ -303,7 +278,7 @@ def test_input_errors(tiny_model_dirs):
 
 
 def test_prompt_at_the_position_limit(tiny_model_dirs):
-    model = build(tiny_model_dirs["qwen2"], exit_layer=2, mode="draft")
+    model = build_decoding_model(tiny_model_dirs["qwen2"], exit_layer=2, mode="draft")
     limit = model.config.max_position_embeddings
     ids = torch.randint(3, 200, (1, limit - 6), generator=torch.Generator().manual_seed(0))
     reference = greedy_reference(model, ids, 6)

@@ -8,9 +8,11 @@ from kangaroo_lit.architectures import check_exit_layer, load_base_model
 from kangaroo_lit.model import KangarooModel, LoraSettings, causal_attention_mask
 from tests.conftest import ARCHITECTURES
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-def build(model_dir, exit_layer=1, lora=None, exit_head="shared"):
-    base = load_base_model(str(model_dir), "float64")
+
+def build(model_dir, exit_layer=1, lora=None, exit_head="shared", attn_implementation="sdpa"):
+    base = load_base_model(str(model_dir), "float64", attn_implementation)
     return KangarooModel(base, exit_layer, lora=lora, exit_head=exit_head, trainable_dtype=torch.float64).eval()
 
 
@@ -39,6 +41,45 @@ def test_paths_on_each_architecture(tiny_model_dirs, arch):
         torch.testing.assert_close(plain(ids).exit_logits, early_exit, rtol=0, atol=1e-10)
         # LoRA on the draft path changes the draft, not the verifier.
         assert (out.exit_logits - early_exit).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_right_padding_leaves_real_positions_unchanged(tiny_model_dirs, arch, backend):
+    """A right-padded row's logits at its real positions equal those of the row alone, on both paths."""
+    model = build(
+        tiny_model_dirs[arch], 1, LoraSettings(rank=4, dropout=0.0, scope="draft"), attn_implementation=backend
+    )
+    perturb_lora(model)
+    o_proj = model.adapter.self_attn.o_proj.weight
+    with torch.no_grad():  # an adapter whose attention matters
+        o_proj.copy_(torch.randn(o_proj.shape, generator=torch.Generator().manual_seed(1), dtype=o_proj.dtype) * 0.1)
+    lengths = torch.tensor([12, 7, 1])
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(3, 300, (3, 12), generator=torch.Generator().manual_seed(2)).masked_fill(mask == 0, 2)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        as_bool = model(ids, attention_mask=mask.bool())
+        torch.testing.assert_close(as_bool.main_logits, out.main_logits, rtol=0, atol=0)
+        # HF's eager attention takes its softmax in float32 even in a float64 model: rows of other
+        # lengths round differently there (~1e-6); SDPA stays in float64.
+        tol = {"rtol": 0.0, "atol": 1e-10 if backend == "sdpa" else 1e-5}
+        for row, n in enumerate(lengths.tolist()):
+            alone = model(ids[row : row + 1, :n])
+            torch.testing.assert_close(out.main_logits[row, :n], alone.main_logits[0], **tol)
+            torch.testing.assert_close(out.exit_logits[row, :n], alone.exit_logits[0], **tol)
+
+
+def test_padding_must_be_on_the_right(tiny_llama_dir):
+    model = build(tiny_llama_dir, 1)
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="padding must be on the right"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="padding must be on the right"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"shape \(2, 5\), input_ids \(2, 6\)"):
+        model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]))  # right padding is fine
 
 
 def test_shared_scope_full_path_is_the_merged_model(tiny_llama_dir):

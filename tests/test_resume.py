@@ -6,9 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from kangaroo_lit.checkpointing import KangarooCheckpoint
+from kangaroo_lit.checkpointing import CheckpointMismatchError, KangarooCheckpoint
 from kangaroo_lit.data import InstructionDataModule
-from kangaroo_lit.checkpointing import CheckpointMismatchError
 from kangaroo_lit.lit_module import KangarooLitModule
 from kangaroo_lit.settings import DraftSettings, LoraSettings, LossSettings, OptimizerSettings
 
@@ -59,8 +58,8 @@ def varied_rows(tmp_path_factory):
 
 
 def run(model_dir, data, root, cache, recorder, ckpt_path=None, accumulate=1, **module_kw):
-    kw = dict(exit_layer=1, lora=LoraSettings(rank=4, dropout=0.2), optimizer=OptimizerSettings(lr=5e-3, warmup_steps=2),
-              loss=LossSettings(exit_loss="mix"), draft=DraftSettings(exit_head="trainable"))
+    kw = dict(exit_layer=1, lora=LoraSettings(rank=4, dropout=0.2), loss=LossSettings(exit_loss="mix"),
+              optimizer=OptimizerSettings(lr=5e-3, warmup_steps=2), draft=DraftSettings(exit_head="trainable"))
     kw.update(module_kw)
     module = KangarooLitModule(base_model=str(model_dir), **kw)
     dm = InstructionDataModule(tokenizer=str(model_dir), data_path=str(data), batch_size=4, max_length=64,
@@ -130,8 +129,10 @@ def early_checkpoint(tiny_llama_dir, varied_rows, tmp_path_factory):
     "change, expected",
     [
         ({"exit_layer": 2}, r"exit_layer: checkpoint 1, this model 2"),
-        ({"lora": LoraSettings(rank=8, dropout=0.2)}, r"(?s)lora.rank: checkpoint 4, this model 8.*shape of model\.base"),
-        ({"draft": DraftSettings()}, r"(?s)draft.exit_head: checkpoint 'trainable'.*not in this model: model\.exit_proj"),
+        ({"lora": LoraSettings(rank=8, dropout=0.2)},
+         r"(?s)lora.rank: checkpoint 4, this model 8.*shape of model\.base"),
+        ({"draft": DraftSettings()},
+         r"(?s)draft.exit_head: checkpoint 'trainable'.*not in this model: model\.exit_proj"),
         ({"lora": LoraSettings(rank=4, dropout=0.2, target_modules=["q_proj"])}, r"lora.target_modules"),
     ],
 )
