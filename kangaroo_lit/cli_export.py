@@ -1,28 +1,66 @@
-"""``kangaroo-lit export --ckpt <lightning ckpt> --out <dir>``: write the artifact of DESIGN §4b."""
+"""``kangaroo-lit export``: a Lightning checkpoint -> the artifact directory of DESIGN §4b.
+
+    kangaroo-lit export --ckpt_path runs/tiny/checkpoints/last.ckpt --out_dir runs/tiny/artifact
+    kangaroo-lit export --config export.yaml --out_dir /tmp/artifact     # a later flag wins
+    kangaroo-lit export --ckpt_path X --out_dir Y --print_config > export.yaml
+
+The arguments are those of :func:`export` (jsonargparse, LightningCLI's underscore style): any of them
+may come from ``--config FILE``; ``--print_config`` prints them as YAML and exits.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from kangaroo_lit.artifact import export_checkpoint, read_manifest
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kangaroo-lit export", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (e.g. runs/x/checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="artifact directory to write")
-    parser.add_argument("--base-model", default=None,
-                        help="override the base model name/path recorded in the checkpoint")
-    args = parser.parse_args(argv)
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description's examples kept as written."""
+
+
+PROG = "kangaroo-lit export"
+
+
+def export(ckpt_path: str, out_dir: str, base_model: str | None = None) -> int:
+    """Write the artifact of a Lightning checkpoint; 0 on success, 2 (with a message) on a bad checkpoint.
+
+    Args:
+        ckpt_path: Lightning checkpoint to export (e.g. runs/x/checkpoints/last.ckpt).
+        out_dir: artifact directory to write.
+        base_model: base model HF name or local path; default the one recorded in the checkpoint.
+    """
+    from kangaroo_lit.artifact import export_checkpoint, read_manifest
+
     try:
-        out = export_checkpoint(args.ckpt, args.out, base_model=args.base_model)
+        out = export_checkpoint(ckpt_path, out_dir, base_model=base_model)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     manifest = read_manifest(out)
     lora = manifest["lora"]
-    print(f"exported {args.ckpt} -> {out} (base {manifest['base_model']}, exit_layer {manifest['exit_layer']}, "
+    print(f"exported {ckpt_path} -> {out} (base {manifest['base_model']}, exit_layer {manifest['exit_layer']}, "
           f"LoRA {'rank ' + str(lora['rank']) + ' scope ' + lora['scope'] if lora else 'off'}, "
           f"exit head {manifest['exit_head']})")
     return 0
+
+
+def build_parser() -> ArgumentParser:
+    """``--config``, ``--print_config`` and one argument per parameter of :func:`export`."""
+    # exact names only: no abbreviations (an old --ckpt must not quietly mean --ckpt_path)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
+    parser.add_function_arguments(export, as_group=False, as_positional=False)
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> dict:
+    """The parsed arguments of :func:`export` (``--config`` files applied, then the flags after them)."""
+    cfg = build_parser().parse_args(argv).as_dict()
+    cfg.pop("config", None)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export(**parse(argv))

@@ -1,99 +1,170 @@
 """``kangaroo-lit generate``: decode prompts with the self-speculative decoder.
 
     kangaroo-lit generate --artifact runs/tiny/artifact --prompt "What is 12 plus 7?" --format instruction
-    kangaroo-lit generate --model ../shared/models/stories260k-hf --exit-layer 1 --prompt "Once upon a time"
+    kangaroo-lit generate --base_model ../shared/models/stories260k-hf --exit_layer 1 --prompt "Once upon a time"
+    kangaroo-lit generate --config generate.yaml --prompt "Once upon a time" --json   # a later flag wins
 
-Without ``--artifact``, ``--model`` + ``--exit-layer`` decode with a freshly initialised adapter (the
-untrained early exit): the machinery on any supported model, lossless but with little acceleration.
+Without ``--artifact``, ``--base_model`` + ``--exit_layer`` decode with a freshly initialised adapter
+(the untrained early exit): the machinery on any supported model, lossless but with little acceleration.
 The text streams to stdout and a one-line summary follows (stderr); ``--json`` prints one JSON object
 on stdout and nothing else there (DESIGN §4b).
+
+The arguments are the fields of ``GenerateOptions`` (jsonargparse, LightningCLI's underscore style):
+any of them may come from ``--config FILE``; ``--print_config`` prints them as YAML and exits. The
+switches ``--json`` and ``--compare_vanilla`` also take a value (``--json false``, or ``--no_json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
-from kangaroo_lit.architectures import DTYPES
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description's examples kept as written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kangaroo-lit generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--artifact", help="directory written by `kangaroo-lit export`")
-    source.add_argument("--model", help="HF model name or directory (with --exit-layer): untrained adapter")
-    parser.add_argument("--exit-layer", type=int, help="exit layer L for --model")
-    parser.add_argument("--base-model", help="with --artifact: override the base model's name or path")
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="the prompt text")
-    prompts.add_argument("--prompt-file", help=".txt (one prompt per line) or JSONL/JSON with prompt/instruction")
-    parser.add_argument("--format", choices=["raw", "instruction", "chat"], default="raw",
-                        help="raw: the text as is; instruction: the training template (### Instruction: ...); "
-                             "chat: the tokenizer's chat template (falls back to instruction)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--threshold", type=float, default=0.6, help="second early exit (Kangaroo: 0.6)")
-    parser.add_argument("--max-draft", type=int, default=6, help="most drafts per round (Kangaroo: 6)")
-    parser.add_argument("--compare-vanilla", action="store_true",
-                        help="also decode with the vanilla loop: speedup and whether outputs are identical")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (a list for several prompts)")
+PROG = "kangaroo-lit generate"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What to decode, with which model, and how.
+
+    Args:
+        artifact: directory written by ``kangaroo-lit export`` (the trained draft).
+        base_model: base model HF name or local path. Without --artifact: the model to decode with an
+            untrained adapter (needs --exit_layer); with --artifact: overrides the base it records.
+        exit_layer: exit layer L for a plain --base_model (an artifact records its own).
+        prompt: the prompt text, taken literally (or --prompt_file).
+        prompt_file: .txt (one prompt per line) or JSONL/JSON with prompt/instruction fields.
+        format: raw: the text as is; instruction: the training template (### Instruction: ...);
+            chat: the tokenizer's chat template (falls back to instruction).
+        max_new_tokens: tokens to generate per prompt.
+        temperature: 0 = greedy, else lossless speculative sampling.
+        top_p: nucleus sampling (1 = off).
+        top_k: top-k sampling (0 = off).
+        threshold: second early exit: a draft below this top-1 probability ends the round (Kangaroo: 0.6).
+        max_draft: most drafts per round (Kangaroo: 6).
+        compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
+        dtype: dtype of the whole model.
+        device: torch device; auto = cuda when available, else cpu.
+        seed: sampling seed.
+        json: print one JSON object on stdout (a list for several prompts) instead of text + summary.
+    """
+
+    artifact: str | None = None
+    base_model: str | None = None
+    exit_layer: int | None = None
+    prompt: str = ""  # plain str: a YAML-looking prompt ("null", "# Title") stays text
+    prompt_file: str | None = None
+    format: Literal["raw", "instruction", "chat"] = "raw"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    threshold: float = 0.6
+    max_draft: int = 6
+    compare_vanilla: bool = False
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    seed: int = 0
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.artifact is None and self.base_model is None:
+            raise ValueError("give --artifact, or --base_model with --exit_layer")
+        if self.artifact is None and self.exit_layer is None:
+            raise ValueError("--base_model without --artifact needs --exit_layer")
+        if bool(self.prompt) == (self.prompt_file is not None):
+            raise ValueError("give exactly one of --prompt and --prompt_file")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+SWITCHES = tuple(f.name for f in dataclasses.fields(GenerateOptions) if f.type in (bool, "bool"))
+
+
+def build_parser() -> ArgumentParser:
+    """``--config``, ``--print_config`` and one argument per field of :class:`GenerateOptions`.
+
+    The bool fields become switches: ``--json`` alone means true, ``--json false`` / ``--no_json`` false.
+    """
+    from docstring_parser import parse as parse_docstring
+
+    # exact names only: no abbreviations (an old --ckpt must not quietly mean --ckpt_path)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
+    parser.add_class_arguments(GenerateOptions, as_group=False, as_positional=False, skip=set(SWITCHES))
+    docs = {p.arg_name: p.description for p in parse_docstring(GenerateOptions.__doc__ or "").params}
+    for name in SWITCHES:
+        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=False, help=docs.get(name))
     return parser
 
 
-def load_model(args: argparse.Namespace):
+def parse(argv: list[str] | None = None) -> dict[str, Any]:
+    """The parsed fields of :class:`GenerateOptions` (``--config`` files applied, then the flags after them)."""
+    cfg = build_parser().parse_args(argv).as_dict()
+    cfg.pop("config", None)
+    return cfg
+
+
+def load_model(opts: GenerateOptions):
     """(KangarooModel, tokenizer) from an artifact or a plain HF model."""
     from transformers import AutoTokenizer
 
     from kangaroo_lit.embedded import resolve_path
 
-    if args.artifact:
+    if opts.artifact:
         from kangaroo_lit.artifact import load_artifact, read_manifest
 
-        manifest = read_manifest(args.artifact)
-        base = resolve_path(args.base_model or manifest["base_model"])
-        model = load_artifact(args.artifact, dtype=args.dtype, device=args.device, base_model=args.base_model)
+        manifest = read_manifest(opts.artifact)
+        if opts.exit_layer is not None and opts.exit_layer != manifest["exit_layer"]:
+            raise ValueError(f"--exit_layer {opts.exit_layer}: the artifact {opts.artifact} was trained for exit "
+                             f"layer {manifest['exit_layer']} (drop --exit_layer)")
+        base = resolve_path(opts.base_model or manifest["base_model"])
+        model = load_artifact(opts.artifact, dtype=opts.dtype, device=opts.torch_device, base_model=opts.base_model)
     else:
-        if args.exit_layer is None:
-            raise ValueError("--model needs --exit-layer")
         from kangaroo_lit.architectures import load_base_model, resolve_dtype
         from kangaroo_lit.model import KangarooModel
 
-        base = resolve_path(args.model)
-        dtype = resolve_dtype(args.dtype)
-        model = KangarooModel(load_base_model(base, dtype), args.exit_layer, trainable_dtype=dtype)
-        model.to(args.device).eval().requires_grad_(False)
+        base = resolve_path(opts.base_model)
+        dtype = resolve_dtype(opts.dtype)
+        model = KangarooModel(load_base_model(base, dtype), opts.exit_layer, trainable_dtype=dtype)
+        model.to(opts.torch_device).eval().requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(base)
 
 
-def prompt_texts(args: argparse.Namespace, tokenizer) -> list[str]:
+def prompt_texts(opts: GenerateOptions, tokenizer) -> list[str]:
     from kangaroo_lit.data.prompt_file import load_prompts, render_prompt
 
-    entries = load_prompts(args.prompt_file) if args.prompt_file else [{"raw": args.prompt}]
+    entries = load_prompts(opts.prompt_file) if opts.prompt_file else [{"raw": opts.prompt}]
     texts = []
     for entry in entries:
-        if args.format != "raw" and "raw" in entry:
+        if opts.format != "raw" and "raw" in entry:
             entry = {"instruction": entry["raw"], "context": ""}
-        texts.append(render_prompt(entry, tokenizer, use_chat_template=args.format == "chat"))
+        texts.append(render_prompt(entry, tokenizer, use_chat_template=opts.format == "chat"))
     return texts
 
 
-def decode_one(args, model, tokenizer, text: str, stream: bool) -> dict[str, Any]:
+def decode_one(opts: GenerateOptions, model, tokenizer, text: str, stream: bool) -> dict[str, Any]:
     from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 
-    device = torch.device(args.device)
+    device = opts.torch_device
     ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
     eos = tokenizer.eos_token_id
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    sampling = dict(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
     printed = {"tokens": [], "text": ""}
 
     def on_round(info) -> None:
@@ -103,10 +174,10 @@ def decode_one(args, model, tokenizer, text: str, stream: bool) -> dict[str, Any
         sys.stdout.flush()
         printed["text"] = full
 
-    decoder = SelfSpeculativeDecoder(model, threshold=args.threshold, max_draft=args.max_draft,
+    decoder = SelfSpeculativeDecoder(model, threshold=opts.threshold, max_draft=opts.max_draft,
                                      on_round=on_round if stream else None)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    result = decoder.generate(ids, args.max_new_tokens, eos, generator=gen, **sampling)
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    result = decoder.generate(ids, opts.max_new_tokens, eos, generator=gen, **sampling)
     out: dict[str, Any] = {
         "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
         "new_tokens": result.new_tokens,
@@ -117,12 +188,12 @@ def decode_one(args, model, tokenizer, text: str, stream: bool) -> dict[str, Any
         "mat": result.mat,
         "accept_rate": result.accept_rate,
     }
-    if args.compare_vanilla:
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        vanilla = VanillaDecoder(model).generate(ids, args.max_new_tokens, eos, generator=gen, **sampling)
+    if opts.compare_vanilla:
+        gen = torch.Generator(device=device).manual_seed(opts.seed)
+        vanilla = VanillaDecoder(model).generate(ids, opts.max_new_tokens, eos, generator=gen, **sampling)
         out["vanilla_tokens_per_s"] = vanilla.tokens_per_s
         out["speedup"] = result.tokens_per_s / vanilla.tokens_per_s if vanilla.tokens_per_s else None
-        out["identical"] = (result.tokens == vanilla.tokens) if args.temperature == 0 else None
+        out["identical"] = (result.tokens == vanilla.tokens) if opts.temperature == 0 else None
     return out
 
 
@@ -135,28 +206,37 @@ def summary_line(out: dict[str, Any]) -> str:
     return line + "]"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def generate(opts: GenerateOptions) -> int:
+    """Decode every prompt of ``opts``; 0 on success, 2 (with a message on stderr) on a usage or input error."""
     try:
-        model, tokenizer = load_model(args)
-        texts = prompt_texts(args, tokenizer)
+        model, tokenizer = load_model(opts)
+        texts = prompt_texts(opts, tokenizer)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = []
     for text in texts:
-        stream = not args.json and not args.compare_vanilla
+        stream = not opts.json and not opts.compare_vanilla
         try:
-            out = decode_one(args, model, tokenizer, text, stream)
+            out = decode_one(opts, model, tokenizer, text, stream)
         except ValueError as err:  # e.g. a prompt longer than the context allows
             print(f"error: {err}", file=sys.stderr)
             return 2
         results.append(out)
-        if not args.json:
+        if not opts.json:
             if not stream:
                 sys.stdout.write(out["text"])
             sys.stdout.write("\n")
             print(summary_line(out), file=sys.stderr)
-    if args.json:
+    if opts.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = GenerateOptions(**parse(argv))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return generate(opts)

@@ -2,38 +2,32 @@
 
 import json
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from kangaroo_lit.artifact import load_artifact, read_manifest
-from kangaroo_lit.checkpointing import KangarooCheckpoint
 from kangaroo_lit.cli import main
-from tests.test_training import make_module, toy_batches
-
-
-def trained_checkpoint(model_dir, root, **kw):
-    module = make_module(model_dir, **kw)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, default_root_dir=root,
-                        callbacks=[KangarooCheckpoint()], enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader(toy_batches(3), batch_size=None))
-    return module.eval(), root / "checkpoints" / "last.ckpt"
+from kangaroo_lit.settings import DraftSettings, LoraSettings
+from tests.helpers import make_module, trained_checkpoint
 
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(lora_scope="draft", exit_head="trainable"), dict(lora_scope="shared"), dict(lora_rank=0)],
+    [
+        dict(lora=LoraSettings(rank=4, scope="draft"), draft=DraftSettings(exit_head="trainable")),
+        dict(lora=LoraSettings(rank=4, scope="shared")),
+        dict(lora=LoraSettings(rank=0)),
+    ],
     ids=["draft-trainable-head", "shared", "no-lora"],
 )
 def test_export_then_load_gives_identical_logits(tiny_llama_dir, tmp_path, kw):
     module, ckpt = trained_checkpoint(tiny_llama_dir, tmp_path, **kw)
     out = tmp_path / "artifact"
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert main(["export", "--ckpt_path", str(ckpt), "--out_dir", str(out)]) == 0
     files = {p.name for p in out.iterdir()}
     assert {"kangaroo.json", "kangaroo_adapter.safetensors", "README.md"} <= files
-    assert ("lora" in files) == (kw.get("lora_rank", 4) > 0)
-    assert ("exit_head.safetensors" in files) == (kw.get("exit_head") == "trainable")
+    assert ("lora" in files) == (kw["lora"].rank > 0)
+    assert ("exit_head.safetensors" in files) == ("draft" in kw and kw["draft"].exit_head == "trainable")
     assert not any(p.stat().st_size > 2_000_000 for p in out.rglob("*") if p.is_file())  # no base weights
 
     loaded = load_artifact(out, dtype="float32")
@@ -65,5 +59,9 @@ def test_load_rejects_a_directory_that_is_not_an_artifact(tmp_path):
 def test_export_cli_reports_bad_checkpoint(tmp_path, capsys):
     bad = tmp_path / "x.ckpt"
     torch.save({"state_dict": {}}, bad)
-    assert main(["export", "--ckpt", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "no hyper_parameters" in capsys.readouterr().err
+    assert main(["export", "--ckpt_path", str(bad), "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}")  # a one-line reason naming the file, no traceback
+    assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out_dir", str(tmp_path / "o")]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -7,18 +7,19 @@ from transformers import AutoTokenizer
 
 from kangaroo_lit.cli import main
 from kangaroo_lit.decoding import VanillaDecoder
-from tests.test_artifact import trained_checkpoint
+from kangaroo_lit.settings import LoraSettings
+from tests.helpers import trained_checkpoint
 
 KEYS = {"text", "new_tokens", "wall_time_s", "tokens_per_s", "decoding_steps", "accept_lengths", "mat", "accept_rate"}
 
 
 def test_generate_json_from_an_artifact(tiny_llama_dir, tmp_path, capsys):
-    _, ckpt = trained_checkpoint(tiny_llama_dir, tmp_path, lora_scope="draft")
+    _, ckpt = trained_checkpoint(tiny_llama_dir, tmp_path, lora=LoraSettings(rank=4, scope="draft"))
     art = tmp_path / "art"
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(art)]) == 0
+    assert main(["export", "--ckpt_path", str(ckpt), "--out_dir", str(art)]) == 0
     capsys.readouterr()
     code = main(["generate", "--artifact", str(art), "--prompt", "What is 2 plus 3?", "--format", "instruction",
-                 "--max-new-tokens", "16", "--compare-vanilla", "--json", "--dtype", "float64"])
+                 "--max_new_tokens", "16", "--compare_vanilla", "--json", "--dtype", "float64"])
     out = capsys.readouterr().out
     assert code == 0
     data = json.loads(out)  # stdout holds exactly one JSON object
@@ -28,11 +29,14 @@ def test_generate_json_from_an_artifact(tiny_llama_dir, tmp_path, capsys):
     assert data["accept_lengths"][0] == 1 and len(data["accept_lengths"]) == data["decoding_steps"]
     assert data["mat"] == data["new_tokens"] / data["decoding_steps"]
     assert 0.0 <= data["accept_rate"] <= 1.0
+    # an artifact fixes its exit layer: asking for another one is an error, not a silent override
+    assert main(["generate", "--artifact", str(art), "--exit_layer", "2", "--prompt", "x"]) == 2
+    assert "exit layer 1" in capsys.readouterr().err
 
 
 def test_generate_streams_text_and_summary(tiny_llama_dir, capsys):
-    code = main(["generate", "--model", str(tiny_llama_dir), "--exit-layer", "1", "--prompt", "hello",
-                 "--max-new-tokens", "10", "--dtype", "float64"])
+    code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "hello",
+                 "--max_new_tokens", "10", "--dtype", "float64"])
     captured = capsys.readouterr()
     assert code == 0
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -46,17 +50,35 @@ def test_generate_streams_text_and_summary(tiny_llama_dir, capsys):
 
 
 def test_generate_sampling_json_has_null_identical(tiny_llama_dir, capsys):
-    code = main(["generate", "--model", str(tiny_llama_dir), "--exit-layer", "1", "--prompt", "hi",
-                 "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--compare-vanilla", "--json"])
+    code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "hi",
+                 "--max_new_tokens", "8", "--temperature", "0.8", "--top_p", "0.9", "--compare_vanilla", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["identical"] is None
 
 
 def test_generate_errors_are_clear(tiny_llama_dir, tmp_path, capsys):
-    assert main(["generate", "--model", str(tiny_llama_dir), "--prompt", "x"]) == 2
-    assert "--model needs --exit-layer" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tiny_llama_dir), "--exit-layer", "1", "--prompt", "x " * 600,
-                 "--max-new-tokens", "8"]) == 2
+    assert main(["generate", "--base_model", str(tiny_llama_dir), "--prompt", "x"]) == 2
+    assert "--base_model without --artifact needs --exit_layer" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "give --artifact, or --base_model with --exit_layer" in capsys.readouterr().err
+    for prompts in ([], ["--prompt", "x", "--prompt_file", str(tmp_path / "p.txt")]):
+        assert main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", *prompts]) == 2
+        assert "give exactly one of --prompt and --prompt_file" in capsys.readouterr().err
+    assert main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "x " * 600,
+                 "--max_new_tokens", "8"]) == 2
     assert "512" in capsys.readouterr().err  # names the context length
     assert main(["generate", "--artifact", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a kangaroo_lit artifact" in capsys.readouterr().err
+
+
+def test_generate_prompt_file_from_a_config_file(tiny_llama_dir, tmp_path, capsys):
+    """The model and decoding settings from --config, the prompts from a file: one JSON object each."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n# a heading, not a YAML comment\n")
+    config = tmp_path / "generate.yaml"
+    config.write_text(f"base_model: {tiny_llama_dir}\nexit_layer: 1\nmax_new_tokens: 6\ndtype: float64\n")
+    code = main(["generate", "--config", str(config), "--prompt_file", str(prompts), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and len(rows) == 2
+    assert all(KEYS <= set(row) and row["new_tokens"] == 6 for row in rows)
