@@ -1,7 +1,8 @@
 """``kangaroo-lit``: LightningCLI's fit/validate/test/predict plus the project's own subcommands.
 
-LightningCLI arguments keep its underscore style (``--model.exit_layer``, ``--ckpt_path``); the
-project's own subcommands (``export``, ``generate``, ``specbench``, ``bench``) use hyphens.
+Every subcommand names its arguments in LightningCLI's underscore style (``--model.exit_layer``,
+``--ckpt_path``, ``--max_new_tokens``), and the project's own (``export``, ``generate``, ``bench``) take
+``--config`` and ``--print_config`` like ``fit``: their parsers come from typed signatures (jsonargparse).
 """
 
 from __future__ import annotations
