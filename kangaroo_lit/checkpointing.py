@@ -26,6 +26,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from kangaroo_lit.errors import CheckpointError
 from kangaroo_lit.settings import KangarooSettings, ResumePolicy, flatten, resume_policy, structure_of
 
 PARTIAL_SUFFIX = ".partial"
@@ -33,11 +34,11 @@ PARTIAL_SUFFIX = ".partial"
 SETTINGS_KEY = "kangaroo_settings"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not belong to this model configuration (other base, exit layer, LoRA, ...)."""
 
 
-class CheckpointConfigMismatch(ValueError):
+class CheckpointConfigMismatch(CheckpointError):
     """Settings given for a resumed run disagree with the checkpoint's."""
 
 
