@@ -8,16 +8,28 @@ Every subcommand names its arguments in LightningCLI's underscore style (``--mod
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kangaroo_lit.callbacks import JsonlPredictionWriter
-from kangaroo_lit.checkpointing import SETTINGS_KEY, CheckpointConfigMismatch, KangarooCheckpoint, reconcile_settings
+from kangaroo_lit.checkpointing import (
+    SETTINGS_KEY,
+    CheckpointConfigMismatch,
+    KangarooCheckpoint,
+    load_checkpoint_file,
+    reconcile_settings,
+    saved_settings,
+)
+from kangaroo_lit.errors import KangarooError
 from kangaroo_lit.lit_module import KangarooLitModule
+from kangaroo_lit.preemption import GracefulStop
 from kangaroo_lit.run_info import RunInfoCallback
 
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
@@ -36,7 +48,16 @@ class KangarooCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.tokenizer")
         parser.add_lightning_class_args(KangarooCheckpoint, "checkpoint")
 
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check the checkpoint to resume (see :meth:`_reconcile_with_checkpoint`).
+
+        Done here, right after parsing, so that a broken or foreign checkpoint file is reported by
+        :func:`~kangaroo_lit.checkpointing.load_checkpoint_file` before anything else reads it.
+        """
+        super().parse_arguments(parser, args)
+        self._reconcile_with_checkpoint()
+
+    def _reconcile_with_checkpoint(self) -> None:
         """Resume safely: never let the checkpoint silently override what the user asked for.
 
         A setting left at its default takes the checkpoint's value (so ``--ckpt_path`` alone resumes
@@ -50,12 +71,12 @@ class KangarooCLI(LightningCLI):
         if not sub:
             return
         config = self.config[sub]
+        self._set_log_dirs(config.trainer)
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
-            return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        if SETTINGS_KEY not in checkpoint:
-            return  # not ours: the module's on_load_checkpoint refuses it with the reason
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or Path(ckpt_path).is_dir():
+            return  # Lightning's own names, or a DeepSpeed directory: Lightning resolves and loads those
+        checkpoint = load_checkpoint_file(ckpt_path)
+        saved_settings(checkpoint, source=str(ckpt_path))  # refuses a checkpoint of something else
         defaults = KangarooLitModule.default_settings().to_dict()
         result = reconcile_settings(config.model.as_dict(), checkpoint[SETTINGS_KEY], defaults, fitting=sub == "fit")
         if result.conflicts:
@@ -70,6 +91,16 @@ class KangarooCLI(LightningCLI):
         for key, value in result.adopt.items():
             config.model[key] = value
 
+    @staticmethod
+    def _set_log_dirs(trainer_config: Any) -> None:
+        """Loggers without a ``save_dir`` log under ``trainer.default_root_dir`` (so logs follow the run)."""
+        loggers = trainer_config.get("logger")
+        root = trainer_config.get("default_root_dir") or "."
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if init_args is not None and "save_dir" in init_args and init_args.save_dir is None:
+                init_args.save_dir = root
+
 
 def run_lightning(argv: list[str] | None = None, run: bool = True) -> KangarooCLI:
     """Build (and by default run) the LightningCLI for ``argv``."""
@@ -82,7 +113,7 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> KangarooCL
         run=run,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "callbacks": [RunInfoCallback(), JsonlPredictionWriter()],
+            "callbacks": [RunInfoCallback(), JsonlPredictionWriter(), GracefulStop()],
             # The data module's batch sampler shards batches across ranks itself.
             "use_distributed_sampler": False,
         },
@@ -119,11 +150,24 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
             # From the console the arguments are sys.argv's: let LightningCLI read them itself (passing
             # them again as ``args`` makes it warn about arguments given twice).
-            run_lightning(None if argv == sys.argv[1:] else argv)
-    except CheckpointConfigMismatch as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            cli = run_lightning(None if argv == sys.argv[1:] else argv)
+    except KangarooError as err:
+        return report_user_error(err)
+    stop = next((cb for cb in cli.trainer.callbacks if isinstance(cb, GracefulStop)), None)
+    if stop is not None and stop.received is not None:
+        name = signal.Signals(stop.received).name
+        print(f"stopped by {name} after step {cli.trainer.global_step}; last.ckpt holds that step "
+              "(resume with --ckpt_path)", file=sys.stderr)
+        return 128 + stop.received
     return 0
+
+
+def report_user_error(err: KangarooError) -> int:
+    """Print a user's mistake as one line (its traceback with ``KANGAROO_DEBUG=1``); exit code 2."""
+    if os.environ.get("KANGAROO_DEBUG"):
+        traceback.print_exception(err)
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,12 +6,20 @@ greedy answers are actually right (a draft trained against a random model learns
 
 Everything is procedural and deterministic: the data (Dolly format, ten task families), a byte-level
 BPE tokenizer trained on it, a tiny Llama trained on it with a plain PyTorch loop, and a held-out
-greedy exact-match evaluation against a chance baseline. Run from the repository root::
+greedy exact-match evaluation against a chance baseline. Rows are tokenized and batched by the
+DataModule's own :class:`~kangaroo_lit.data.tokenize.RowEncoder` and
+:class:`~kangaroo_lit.data.collate.Collator`, and AdamW and its schedule come from :mod:`kangaroo_lit.optim`,
+so the model is trained on exactly the token layout that ``fit`` later uses. With ``kangaroo_lit``
+installed (``pip install -e .``)::
 
     python scripts/build_tiny_model.py   # committed assets: ~9.5 CPU-min, est. 5-7 min on 2 idle cores
-    python scripts/build_tiny_model.py --quick --out-dir /tmp/tiny   # seconds, for tests
+    python scripts/build_tiny_model.py --quick --out_dir /tmp/tiny   # seconds, for tests
 
-Outputs under ``--out-dir`` (default ``kangaroo_lit/assets``):
+On a shared machine, ``OMP_WAIT_POLICY=PASSIVE`` in the environment makes idle OpenMP threads sleep
+instead of spinning (spinning threads of a 2-thread run slowed it tenfold as soon as anything else ran).
+Nothing here touches the network.
+
+Outputs under ``--out_dir`` (default ``kangaroo_lit/assets``):
 
 * ``tiny-instruct.jsonl``: the training rows (``instruction``, ``context``, ``response``, ``category``);
 * ``tiny-instruct-heldout.jsonl``: evaluation rows whose prompts never occur in training;
@@ -22,38 +30,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import platform
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Offline before any Hugging Face import: this script must never touch the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that sleep instead of spinning at barriers: on a shared 2-core machine, spinning
-# threads of a 2-thread run slow it down about tenfold as soon as anything else runs. Only effective
-# before torch is imported (so not when imported from an already running test session).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a source checkout
-    sys.path.insert(0, str(REPO_ROOT))
+from kangaroo_lit.data.collate import Collator, resolve_pad_id
+from kangaroo_lit.data.dataset import TokenDataset, TokenizedRows
+from kangaroo_lit.data.prompts import format_prompt
+from kangaroo_lit.data.tokenize import RowEncoder
+from kangaroo_lit.embedded import ASSETS_DIR
+from kangaroo_lit.optim import build_optimizer, build_scheduler
+from kangaroo_lit.settings import OptimizerSettings
+from kangaroo_lit.tiny import build_byte_bpe_tokenizer, tiny_config
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-
-from kangaroo_lit.data.prompts import format_prompt  # noqa: E402
-from kangaroo_lit.tiny import build_byte_bpe_tokenizer, tiny_config  # noqa: E402
-
-DEFAULT_OUT_DIR = REPO_ROOT / "kangaroo_lit" / "assets"
+DEFAULT_OUT_DIR = ASSETS_DIR
 TRAIN_FILE = "tiny-instruct.jsonl"
 HELDOUT_FILE = "tiny-instruct-heldout.jsonl"
 MODEL_DIR = "tiny-llama"
@@ -464,33 +462,18 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def encode(tokenizer: PreTrainedTokenizerFast, ex: Example) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of ``prompt + response + EOS``; prompt positions are masked with -100.
+def encode(tokenizer: PreTrainedTokenizerFast, examples: list[Example], max_length: int) -> TokenDataset:
+    """The DataModule's dataset of the examples: items ``{"input_ids", "labels"}`` of ``prompt + response +
+    EOS``, the prompt masked with -100, tokenized by its :class:`RowEncoder` (``format="dolly"``: the same
+    template, BOS, final EOS target and prompt/response boundary that ``fit`` trains drafts with).
 
-    The prompt is tokenized on its own to find the boundary. The prompt always ends in a newline, and
-    byte-level BPE never merges across the pre-tokenizer's word split after it, so the prompt's tokens
-    are a prefix of the full sequence's tokens (checked below rather than assumed).
+    Raises:
+        ValueError: if an example would be truncated (``max_length`` is the model's context).
     """
-    prompt = format_prompt(ex.instruction, ex.context)
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + ex.response)["input_ids"] + [tokenizer.eos_token_id]
-    if ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"prompt tokens are not a prefix of the full sequence: {prompt!r}")
-    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
-    return ids, labels
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padded positions are masked out of attention and loss."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    encoded, stats = RowEncoder(tokenizer, max_length).encode_rows([ex.row() for ex in examples])
+    if stats.prompt_cut or stats.response_cut:
+        raise ValueError(f"{stats.prompt_cut + stats.response_cut} examples exceed {max_length} tokens")
+    return TokenDataset(TokenizedRows.from_encoded(encoded), range(len(encoded)))
 
 
 @dataclass
@@ -518,31 +501,22 @@ class TrainConfig:
     max_new_tokens: int = 48
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+def optimizer_settings(cfg: TrainConfig) -> OptimizerSettings:
+    """AdamW (decay on matrices only: decaying RMSNorm gains toward 0 only hurts a tiny model), linear
+    warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    return OptimizerSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), warmup_steps=cfg.warmup_steps,
+                             schedule="cosine", min_lr_ratio=cfg.min_lr_ratio)
 
 
 def train(model, tokenizer, examples: list[Example], cfg: TrainConfig) -> dict[str, float]:
-    """Plain AdamW loop over random batches; returns loss statistics."""
-    encoded = [encode(tokenizer, ex) for ex in examples]
+    """Plain PyTorch loop over random batches; returns loss statistics."""
+    dataset = encode(tokenizer, examples, cfg.max_position_embeddings)
+    lengths = dataset.lengths
+    collate = Collator(resolve_pad_id(tokenizer))
     gen = torch.Generator().manual_seed(cfg.seed)
-    # No weight decay on norms (1-D weights): decaying RMSNorm gains toward 0 only hurts a tiny model.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    settings = optimizer_settings(cfg)
+    optimizer = build_optimizer(model.parameters(), settings)
+    scheduler = build_scheduler(optimizer, settings, cfg.steps)
     model.train()
     losses: list[float] = []
     queue: list[list[int]] = []
@@ -553,12 +527,12 @@ def train(model, tokenizer, examples: list[Example], cfg: TrainConfig) -> dict[s
             # several batches and cutting it in length order means each batch pads to a similar
             # length: about half the compute of purely random batches, while every batch still mixes
             # families (a length band spans many of them).
-            pool = torch.randint(len(encoded), (cfg.batch_size * cfg.bucket_batches,), generator=gen).tolist()
-            pool.sort(key=lambda i: len(encoded[i][0]))
+            pool = torch.randint(len(dataset), (cfg.batch_size * cfg.bucket_batches,), generator=gen).tolist()
+            pool.sort(key=lambda i: lengths[i])
             queue = [pool[i : i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
             order = torch.randperm(len(queue), generator=gen).tolist()
             queue = [queue[i] for i in order]
-        batch = collate([encoded[i] for i in queue.pop()], tokenizer.eos_token_id)
+        batch = collate([dataset[i] for i in queue.pop()])
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -682,7 +656,7 @@ def folder_bytes(path: Path) -> int:
 def main(argv: list[str] | None = None) -> dict:
     """Build data, tokenizer and model, train, evaluate, save; returns the metrics dict."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="asset folder to write into")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="asset folder to write into")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 2400, quick 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps and evaluation rows (tests)")
@@ -694,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = TrainConfig(seed=args.seed)
     if args.quick:
         # One thread: the quick run is used inside test sessions, where torch is already loaded with
-        # spinning OpenMP threads (see OMP_WAIT_POLICY above) that other processes may contend with.
+        # spinning OpenMP threads (see the module docstring) that other processes may contend with.
         cfg.steps, cfg.warmup_steps, cfg.eval_rows, cfg.max_new_tokens, cfg.num_threads = 20, 5, 10, 16, 1
     if args.threads is not None:
         cfg.num_threads = args.threads

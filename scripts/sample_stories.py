@@ -4,12 +4,13 @@ A draft trained on the model's own samples learns to predict what the model will
 (the distribution decoding sees), which is what Kangaroo's self-distillation wants. Used for the
 stories model (``../shared/models/stories260k-hf``)::
 
-    python scripts/sample_stories.py --model ../shared/models/stories260k-hf \
+    python scripts/sample_stories.py --base_model ../shared/models/stories260k-hf \
         --out data/stories-train.jsonl --num 6000 --seed 0
-    python scripts/sample_stories.py --model ../shared/models/stories260k-hf \
+    python scripts/sample_stories.py --base_model ../shared/models/stories260k-hf \
         --out data/stories-heldout.jsonl --num 300 --seed 1
 
 Each output line is ``{"text": ...}`` (the DataModule's ``format: text``). Deterministic given the seed.
+A local model directory needs no network; with ``--offline`` a Hub name is read from the local cache only.
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ import json
 import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from rich.progress import Progress
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def sample_stories(model_path: str, num: int, seed: int, temperature: float = 0.8, max_new_tokens: int = 256,
-                   batch_size: int = 128) -> list[str]:
-    """``num`` texts sampled from BOS at ``temperature``, each cut at its first EOS."""
+                   batch_size: int = 128, local_files_only: bool = False) -> list[str]:
+    """``num`` texts sampled from BOS at ``temperature``, each cut at its first EOS.
+
+    ``local_files_only``: never contact the Hugging Face Hub (a Hub name must then be in the local cache).
+    """
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=local_files_only)
+    model.eval()
     eos = tokenizer.eos_token_id
     texts: list[str] = []
     with Progress() as progress, torch.inference_mode():
@@ -56,18 +59,20 @@ def sample_stories(model_path: str, num: int, seed: int, temperature: float = 0.
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF model directory or name")
+    parser.add_argument("--base_model", required=True, help="HF model directory or name")
     parser.add_argument("--out", required=True, help="output JSONL file")
     parser.add_argument("--num", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub (local files only)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts = sample_stories(args.model, args.num, args.seed, args.temperature, args.max_new_tokens, args.batch_size)
+    texts = sample_stories(args.base_model, args.num, args.seed, args.temperature, args.max_new_tokens,
+                           args.batch_size, local_files_only=args.offline)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kangaroo_lit.data.prompts import format_prompt
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conftest sets it too; this file must never go online
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "kangaroo_lit" / "assets"
@@ -87,7 +84,7 @@ def test_build_script_quick_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     try:
-        metrics = module.main(["--quick", "--out-dir", str(tmp_path)])
+        metrics = module.main(["--quick", "--out_dir", str(tmp_path)])
     finally:
         # The script turns deterministic algorithms on for its own run; don't leak that into other tests.
         torch.use_deterministic_algorithms(False)

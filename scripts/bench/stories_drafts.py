@@ -9,11 +9,11 @@ project's own ``fit`` (configs/stories.yaml), export, then on held-out self-samp
   whether every output equals the vanilla (plain greedy) output.
 
     M=../shared/models/stories260k-hf
-    python scripts/sample_stories.py --model $M --out runs/stories/data/train.jsonl --num 4096 --seed 0
-    python scripts/sample_stories.py --model $M --out runs/stories/data/heldout.jsonl --num 256 --seed 1
-    python scripts/bench/stories_drafts.py --out runs/stories/bench
+    python scripts/sample_stories.py --base_model $M --out runs/stories/data/train.jsonl --num 4096 --seed 0
+    python scripts/sample_stories.py --base_model $M --out runs/stories/data/heldout.jsonl --num 256 --seed 1
+    python scripts/bench/stories_drafts.py --out_dir runs/stories/bench
 
-Trained drafts are reused (``--retrain`` to train again). Results: ``<out>/stories.json``, ``stories.md``,
+Trained drafts are reused (``--retrain`` to train again). Results: ``<out_dir>/stories.json``, ``stories.md``,
 ``stories.png``.
 """
 
@@ -21,27 +21,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = [(1, 0), (2, 0), (1, 8), (2, 8)]  # (exit_layer, lora_rank)
 
 
-def train(exit_layer: int, lora_rank: int, root: Path, steps: int, retrain: bool, data: str) -> Path:
+def train(base_model: str, exit_layer: int, lora_rank: int, root: Path, steps: int, retrain: bool, data: str) -> Path:
     ckpt = root / "checkpoints" / "last.ckpt"
     if ckpt.is_file() and not retrain:
         return ckpt
     from kangaroo_lit.cli import run_lightning
 
-    run_lightning(["fit", "--config", str(REPO / "configs/stories.yaml"), "--model.exit_layer", str(exit_layer),
-                   "--model.lora_rank", str(lora_rank), "--trainer.max_steps", str(steps),
+    run_lightning(["fit", "--config", str(REPO / "configs/stories.yaml"), "--model.base_model", base_model,
+                   "--model.exit_layer", str(exit_layer), "--model.lora.rank", str(lora_rank),
+                   "--trainer.max_steps", str(steps),
                    "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
                    "--data.data_path", data])
     return ckpt
@@ -93,16 +91,17 @@ def decode(model, prompts: list[list[int]], threshold: float, max_new: int, eos:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/stories/bench")
-    parser.add_argument("--runs-dir", default="runs/stories")
-    parser.add_argument("--train-data", default="runs/stories/data/train.jsonl")
+    parser.add_argument("--out_dir", default="runs/stories/bench")
+    parser.add_argument("--base_model", default=str(REPO.parent / "shared/models/stories260k-hf"))
+    parser.add_argument("--runs_dir", default="runs/stories")
+    parser.add_argument("--train_data", default="runs/stories/data/train.jsonl")
     parser.add_argument("--heldout", default="runs/stories/data/heldout.jsonl")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--num-prompts", type=int, default=10)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--num_prompts", type=int, default=10)
+    parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--thresholds", default="0,0.3,0.6")
-    parser.add_argument("--agreement-stories", type=int, default=200)
+    parser.add_argument("--agreement_stories", type=int, default=200)
     parser.add_argument("--variants", default=",".join(f"{e}:{r}" for e, r in VARIANTS),
                         help="exit_layer:lora_rank pairs")
     args = parser.parse_args(argv)
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from kangaroo_lit.artifact import export_checkpoint, load_artifact
     from kangaroo_lit.model import KangarooModel
 
-    base_path = str(REPO.parent / "shared/models/stories260k-hf")
+    base_path = args.base_model
     tok = AutoTokenizer.from_pretrained(base_path)
     texts = [json.loads(line)["text"] for line in Path(args.heldout).read_text().splitlines() if line.strip()]
     stories = [tok(t).input_ids + [tok.eos_token_id] for t in texts[: args.agreement_stories]]
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for exit_layer, rank in variants:
         name = f"L{exit_layer}-{'lora' if rank else 'adapter'}"
         root = Path(args.runs_dir) / name
-        ckpt = train(exit_layer, rank, root, args.steps, args.retrain, args.train_data)
+        ckpt = train(base_path, exit_layer, rank, root, args.steps, args.retrain, args.train_data)
         model = load_artifact(export_checkpoint(ckpt, root / "artifact"), dtype="float32")
         top1, acc = agreement(model, stories)
         row = {"exit_layer": exit_layer, "draft": "adapter + draft-scoped LoRA r8" if rank else "adapter",
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: top-1 {top1:.3f}, " + ", ".join(
             f"t={d['threshold']}: MAT {d['mat']:.2f} speedup {d['speedup']:.2f}" for d in row["decoding"]),
             file=sys.stderr)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stories.json").write_text(json.dumps(results, indent=2))
     lines = ["| exit layer | draft | top-1 agree | E[accept] | threshold | MAT | accept rate | tokens/s | "
