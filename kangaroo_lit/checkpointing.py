@@ -38,6 +38,10 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not belong to this model configuration (other base, exit layer, LoRA, ...)."""
 
 
+class ExistingRunError(CheckpointError):
+    """A new run would overwrite a trained run's ``last.ckpt``."""
+
+
 class CheckpointConfigMismatch(CheckpointError):
     """Settings given for a resumed run disagree with the checkpoint's."""
 
@@ -109,8 +113,17 @@ class KangarooCheckpoint(ModelCheckpoint):
             logger's versioned folder, so a resumed or requeued run finds ``last.ckpt`` at once).
         every_n_train_steps: also checkpoint every this many optimizer steps (a SLURM job killed
             between epochs loses at most that much work).
+        save_top_k: best checkpoints kept by ``monitor``; default 1 with a monitor, else 0 (``last.ckpt``
+            alone: an unranked "best" file would only duplicate it).
         Other arguments are ``ModelCheckpoint``'s. ``enable_version_counter`` is always off: an
             existing ``last.ckpt`` is replaced, never joined by ``last-v1.ckpt``.
+
+    Two guarantees on top of ``ModelCheckpoint``:
+
+    * a new ``fit`` (no ``ckpt_path``) into a directory that already holds ``last.ckpt`` is refused
+      before anything is written (:class:`ExistingRunError`): resume it or pick a new directory;
+    * the end of training is always saved, once, whatever ``every_n_train_steps`` is (Lightning skips
+      the end-of-epoch save when a step interval is set, so ``last.ckpt`` could lag the final step).
 
     When the strategy writes files through Lightning's default ``TorchCheckpointIO``, it is swapped
     for :class:`AtomicCheckpointIO` at setup (a user's own ``CheckpointIO`` plugin is left alone).
@@ -123,7 +136,7 @@ class KangarooCheckpoint(ModelCheckpoint):
         monitor: str | None = None,
         mode: str = "min",
         save_last: bool = True,
-        save_top_k: int = 1,
+        save_top_k: int | None = None,
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
         train_time_interval: timedelta | None = None,
@@ -136,7 +149,8 @@ class KangarooCheckpoint(ModelCheckpoint):
             monitor=monitor,
             mode=mode,
             save_last=save_last,
-            save_top_k=save_top_k,
+            # Without a metric to rank by, a "top-k" file would only duplicate last.ckpt.
+            save_top_k=(1 if monitor else 0) if save_top_k is None else save_top_k,
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=every_n_epochs,
             train_time_interval=train_time_interval,
@@ -148,14 +162,68 @@ class KangarooCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        self._saved_step: int | None = None
         strategy = trainer.strategy
         if not isinstance(strategy, DeepSpeedStrategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in setup: the checkpoint being resumed (trainer.ckpt_path) is known only once it
+        # is restored (after on_fit_start under DeepSpeed), and nothing has been written yet.
+        last = self.last_path
+        if trainer.ckpt_path is None and os.path.exists(last):
+            raise ExistingRunError(
+                f"{last} already holds a trained run; a new fit would replace it. Resume it with "
+                f"--ckpt_path {last}, or start the new run elsewhere with --trainer.default_root_dir <new dir>"
+            )
+
+    @property
+    def last_path(self) -> str:
+        """``<dirpath>/last.ckpt``."""
+        return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._saved_step = trainer.global_step
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the final state into ``last.ckpt`` unless the last save already holds this step."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._saved_step != trainer.global_step and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.last_path)
+
 
 # --------------------------------------------------------------------------------------------------
 # Does a checkpoint fit this run?
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file of this project safely (``weights_only=True``), on the CPU.
+
+    Raises:
+        CheckpointError: for a remote URL (download it first: a remote file would otherwise be
+            unpickled without ``weights_only``), a missing path, or a file that is not a complete
+            checkpoint of this project (truncated, random bytes, text), naming the file.
+    """
+    text = str(path)
+    if "://" in text:
+        raise CheckpointError(f"{text}: remote checkpoints are not loaded; download it and pass the local path")
+    path = Path(text)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, KeyError, ... for broken files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: not a (complete) checkpoint of this project: torch could not read it ({reason[:160]})"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (holds a {type(checkpoint).__name__})")
+    return checkpoint
 
 
 def saved_settings(checkpoint: dict[str, Any], source: str = "the checkpoint") -> KangarooSettings:

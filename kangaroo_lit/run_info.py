@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 PACKAGES = ("kangaroo_lit", "torch", "lightning", "transformers", "peft", "tokenizers", "datasets",
@@ -77,3 +78,14 @@ class RunInfoCallback(L.Callback):
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` whose ``save_dir`` may be left out: the CLI then sets it to
+    ``trainer.default_root_dir``, so a run's logs follow its root directory (``--trainer.default_root_dir``
+    moves both) unless a user sets them apart. Other arguments are ``CSVLogger``'s."""
+
+    def __init__(self, save_dir: str | None = None, name: str | None = "lightning_logs",
+                 version: int | str | None = None, prefix: str = "", flush_logs_every_n_steps: int = 100) -> None:
+        super().__init__(save_dir if save_dir is not None else ".", name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)

@@ -24,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.model import ExitHeadMode, LoraSettings
 
 __all__ = [
@@ -78,11 +79,11 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         if self.beta_exit < 0:
-            raise ValueError(f"loss.beta_exit must be >= 0, got {self.beta_exit}")
+            raise ConfigError(f"loss.beta_exit must be >= 0, got {self.beta_exit}")
         if self.exit_loss not in ("ce", "kd", "mix"):
-            raise ValueError(f"loss.exit_loss must be one of ce, kd, mix; got {self.exit_loss!r}")
+            raise ConfigError(f"loss.exit_loss must be one of ce, kd, mix; got {self.exit_loss!r}")
         if not 0 <= self.kd_weight <= 1:
-            raise ValueError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight}")
+            raise ConfigError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight}")
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,13 @@ class OptimizerSettings:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"optimizer.schedule must be one of cosine, linear, constant; got {self.schedule!r}")
+            raise ConfigError(f"optimizer.schedule must be one of cosine, linear, constant; got {self.schedule!r}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,13 @@ class DecodingSettings:
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 1:
-            raise ValueError(f"decoding.threshold must be in [0, 1], got {self.threshold}")
+            raise ConfigError(f"decoding.threshold must be in [0, 1], got {self.threshold}")
         if self.max_draft < 1:
-            raise ValueError(f"decoding.max_draft must be >= 1, got {self.max_draft}")
+            raise ConfigError(f"decoding.max_draft must be >= 1, got {self.max_draft}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"decoding.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"decoding.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"decoding.temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"decoding.temperature must be >= 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class KangarooSettings:
     def __post_init__(self) -> None:
         loss, lora = self.loss, self.lora
         if loss.beta_exit == 0 and (loss.detach_exit or lora.rank == 0 or lora.scope == "draft"):
-            raise ValueError(
+            raise ConfigError(
                 "loss.beta_exit=0 trains only through loss_main, which needs loss.detach_exit=false, "
                 "lora.rank > 0 and lora.scope=shared (plain LoRA fine-tuning of the shallow layers); got "
                 f"detach_exit={loss.detach_exit}, lora.rank={lora.rank}, lora.scope={lora.scope!r}"
@@ -243,11 +244,11 @@ def _plain(value: Any) -> Any:
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ValueError(f"setting {prefix.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
+        raise ConfigError(f"setting {prefix.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown setting(s): {', '.join(prefix + k for k in unknown)}")
+        raise ConfigError(f"unknown setting(s): {', '.join(prefix + k for k in unknown)}")
     kwargs = {}
     for name, value in values.items():
         sub = _resolve(cls, known[name])

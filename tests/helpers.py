@@ -58,3 +58,25 @@ def trained_checkpoint(model_dir, root, max_steps=3, **make_module_kw):
                         callbacks=[KangarooCheckpoint()], enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(toy_batches(max_steps), batch_size=None))
     return module.eval(), root / "checkpoints" / "last.ckpt"
+
+
+class SendSignalAt(L.Callback):
+    """Send ``signum`` to this process at the end of training step ``step`` (a scheduler's preemption)."""
+
+    def __init__(self, step: int, signum: int = 15) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def exported_artifact(model_dir, root, **make_module_kw):
+    """``trained_checkpoint(model_dir, root, **make_module_kw)`` exported to ``root / "artifact"``; returns
+    ``(module in eval mode, checkpoint path, artifact directory)``."""
+    from kangaroo_lit.artifact import export_checkpoint
+
+    module, ckpt = trained_checkpoint(model_dir, root, **make_module_kw)
+    return module, ckpt, export_checkpoint(ckpt, root / "artifact")

@@ -24,7 +24,6 @@ def cpu_overrides(tmp_path, model_dir, data_format="dolly"):
         "--model.base_model", str(model_dir), "--model.exit_layer", "1", "--model.dtype", "float32",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
         "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.data_path", str(data), "--data.num_workers", "0", "--data.batch_size", "2",
         "--data.cache_dir", str(tmp_path / "cache"), "--data.max_length", "128",
     ]
@@ -78,7 +77,7 @@ def test_console_script_fit_on_the_embedded_default(tmp_path, capsys):
     """The README's main job through the installed entry point (shortened), then export and generate."""
     cmd = [sys.executable, "-m", "kangaroo_lit", "fit", "--config", str(REPO_ROOT / "configs/tiny.yaml"),
            "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--trainer.default_root_dir", str(tmp_path),
            "--data.cache_dir", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -28,8 +28,7 @@ def test_brief_training_lifts_top1_agreement_on_the_stories_model(shared_dir, tm
 
     run_lightning(["fit", "--config", str(REPO_ROOT / "configs/stories.yaml"), "--model.base_model", model_dir,
                    "--data.data_path", str(train), "--trainer.max_steps", "300", "--trainer.val_check_interval",
-                   "300", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir",
-                   str(tmp_path), "--data.cache_dir", str(tmp_path / "cache")])
+                   "300", "--trainer.default_root_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache")])
     trained = load_artifact(export_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "art"))
     untrained = KangarooModel(load_base_model(model_dir), 1).eval()
 

@@ -78,14 +78,17 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_llama_dir, tmp_
     good = torch.load(last, weights_only=False)
     assert good["global_step"] == 2
 
-    # poison the trainable weights, then continue: step 3 must fail and leave last.ckpt alone
-    with torch.no_grad():
-        module.model.adapter.self_attn.o_proj.weight.fill_(float("nan"))
+    # resume, poison the trainable weights once restored: step 3 must fail and leave last.ckpt alone
+    class Poison(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.model.adapter.self_attn.o_proj.weight.fill_(float("nan"))
+
     trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, default_root_dir=tmp_path,
-                        callbacks=[KangarooCheckpoint(every_n_train_steps=1)],
+                        callbacks=[KangarooCheckpoint(every_n_train_steps=1), Poison()],
                         enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at global step 0"):
-        trainer.fit(module, DataLoader(batches, batch_size=None))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* at global step 2"):
+        trainer.fit(module, DataLoader(batches, batch_size=None), ckpt_path=last)
     after = torch.load(last, weights_only=False)
     assert after["global_step"] == 2
     for k, v in good["state_dict"].items():

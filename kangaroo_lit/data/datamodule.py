@@ -30,6 +30,7 @@ from kangaroo_lit.data.rows import load_file_rows, load_hub_rows
 from kangaroo_lit.data.sampler import LengthGroupedBatchSampler
 from kangaroo_lit.data.tokenize import RowEncoder, TruncationStats
 from kangaroo_lit.embedded import resolve_path
+from kangaroo_lit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +114,21 @@ class InstructionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if format not in ("dolly", "text"):
-            raise ValueError(f"format must be 'dolly' or 'text', got {format!r}")
+            raise ConfigError(f"format must be 'dolly' or 'text', got {format!r}")
         if on_bad_row not in ("error", "skip"):
-            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+            raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
+            raise ConfigError(f"max_length must be >= 2, got {max_length}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+            raise ConfigError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}"
             )
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         if max_rows is not None and max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+            raise ConfigError(f"max_rows must be >= 1 or None, got {max_rows}")
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.data_path = data_path
@@ -163,6 +164,7 @@ class InstructionDataModule(L.LightningDataModule):
         self._train_sampler: LengthGroupedBatchSampler | None = None
         self._resume: tuple[int, int] | None = None
         self._position: tuple[int, int] = (0, 0)  # (epoch, training batches taken in it)
+        self._source: dict | None = None  # what the rows came from (file hash or Hub fingerprint)
 
     # ----------------------------------------------------------------------------------------------
     # Loading
@@ -178,7 +180,7 @@ class InstructionDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return self.tokenizer
         if self.tokenizer_name is None:
-            raise ValueError(
+            raise ConfigError(
                 "InstructionDataModule needs a tokenizer: pass tokenizer=<HF name or local path> "
                 "(with the CLI it is linked from the model's base model)"
             )
@@ -231,7 +233,7 @@ class InstructionDataModule(L.LightningDataModule):
         n_val = split_count(n_rows, self.val_fraction)
         n_test = split_count(n_rows, self.test_fraction)
         if n_rows - n_val - n_test < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{n_rows} rows are too few for val_fraction={self.val_fraction} and "
                 f"test_fraction={self.test_fraction}: no training row would be left"
             )
@@ -257,9 +259,10 @@ class InstructionDataModule(L.LightningDataModule):
         self.tokenizer = self._load_tokenizer()
         self.pad_id = resolve_pad_id(self.tokenizer)
         rows, source = self._load_rows()
+        self._source = source
         data = self._tokenize(rows, source)
         if len(data) == 0:
-            raise ValueError("tokenization produced no examples; nothing to train on")
+            raise DataError("tokenization produced no examples; nothing to train on")
         self._split(data, len(rows))
         self.data = data
         log.info(
@@ -352,18 +355,21 @@ class InstructionDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """One prompt at a time (the decoder runs at batch size 1): dicts with ``index``, ``prompt``
-        (the rendered text) and ``input_ids`` (1, T)."""
-        from kangaroo_lit.data.prompt_file import load_prompts, render_prompt
+        (the rendered text), ``input_ids`` (1, T) and ``source`` (``"<file>:<line>"``, for messages).
+
+        Every prompt is read and tokenized here, before anything is decoded; the module checks them all
+        against the model's context in ``on_predict_start``."""
+        from kangaroo_lit.data.prompt_file import load_prompt_entries, render_prompt
 
         if self.predict_path is None:
-            raise ValueError("predict needs prompts: pass --data.predict_path <file> (.txt, .jsonl or .json)")
+            raise ConfigError("predict needs prompts: pass --data.predict_path <file> (.txt, .jsonl or .json)")
         if self.tokenizer is None:
             self.tokenizer = self._load_tokenizer()
         items = []
-        for index, entry in enumerate(load_prompts(resolve_path(self.predict_path))):
+        for index, (source, entry) in enumerate(load_prompt_entries(resolve_path(self.predict_path))):
             prompt = render_prompt(entry, self.tokenizer, self.use_chat_template)
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-            items.append({"index": index, "prompt": prompt, "input_ids": ids})
+            items.append({"index": index, "prompt": prompt, "input_ids": ids, "source": source})
         # batch_size=1 with an unwrapping collate (not batch_size=None), so Lightning can infer the
         # batch indices the prediction writer receives.
         return DataLoader(items, batch_size=1, shuffle=False, collate_fn=_only_item)
@@ -390,19 +396,23 @@ class InstructionDataModule(L.LightningDataModule):
         training batches taken so far), and what makes that position meaningful (``seed``,
         ``batch_size``, ``num_replicas``)."""
         epoch, done = self._position
-        return {"epoch": epoch, "batches_done": done, "seed": self.seed, "batch_size": self.batch_size,
-                "num_replicas": self._replicas()[0]}
+        return {"epoch": epoch, "batches_done": done, **self._order_defining_state()}
+
+    def _order_defining_state(self) -> dict[str, Any]:
+        # What decides which batch comes at which position (besides the code).
+        return {"seed": self.seed, "batch_size": self.batch_size, "num_replicas": self._replicas()[0],
+                "max_length": self.max_length, "data_source": self._source}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume mid-epoch where the checkpoint left off (:meth:`set_resume_position`).
 
-        A checkpoint made with another seed, batch size or process count has other batches: then
-        there is no exact position to resume at, which is logged, and the epoch restarts at its first
-        batch.
+        A checkpoint made with other data (another file or file content, seed, batch size, max length
+        or process count) has other batches: then there is no exact position to resume at, which is
+        reported, and the epoch restarts at its first batch.
         """
-        saved = {k: state_dict.get(k) for k in ("seed", "batch_size", "num_replicas")}
-        current = {"seed": self.seed, "batch_size": self.batch_size, "num_replicas": self._replicas()[0]}
-        changed = [f"{k}: checkpoint {saved[k]}, now {current[k]}" for k in saved if saved[k] != current[k]]
+        current = self._order_defining_state()
+        changed = [f"{k}: checkpoint {state_dict.get(k)}, now {v}"
+                   for k, v in current.items() if state_dict.get(k) != v]
         if changed:
             log.warning("the data order changed since the checkpoint (%s): the resumed epoch restarts at its "
                         "first batch, so the resume is not exact", "; ".join(changed))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kangaroo_lit.errors import DataError, DataFileNotFound
+
 log = logging.getLogger(__name__)
 
 DataFormat = Literal["dolly", "text"]
@@ -166,7 +168,7 @@ def iter_json_file(path: Path) -> Iterator[tuple[Location, Any]]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         where = f", line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
-        raise ValueError(f"{path}{where}: not a valid JSON list ({err})") from err
+        raise DataError(f"{path}{where}: not a valid JSON list ({err})") from err
     for index, record in enumerate(records):
         yield Location(str(path), index=index), record
 
@@ -179,7 +181,7 @@ def iter_text_documents(path: Path) -> Iterator[tuple[Location, Any]]:
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
     lines: list[str] = []
     start = 0
     for line_no, line in enumerate(content.splitlines(), start=1):
@@ -203,7 +205,7 @@ def iter_file_records(path: str | Path, data_format: DataFormat) -> Iterator[tup
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataFileNotFound(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return iter_json_lines(path)
@@ -212,7 +214,7 @@ def iter_file_records(path: str | Path, data_format: DataFormat) -> Iterator[tup
     if suffix == ".txt" and data_format == "text":
         return iter_text_documents(path)
     allowed = ".json, .jsonl" + (", .txt" if data_format == "text" else "")
-    raise ValueError(f"{path}: unsupported file type {suffix!r} for format={data_format!r} (use {allowed})")
+    raise DataError(f"{path}: unsupported file type {suffix!r} for format={data_format!r} (use {allowed})")
 
 
 def collect_rows(
@@ -237,7 +239,7 @@ def collect_rows(
             count), or no valid row at all (never a silent zero-step run).
     """
     if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     rows: list[dict] = []
     problems: list[RowProblem] = []
     bad_rows = 0
@@ -254,13 +256,13 @@ def collect_rows(
         more = len(problems) - MAX_LISTED_PROBLEMS
         listed += f"\n  ... and {more} more" if more > 0 else ""
         if on_bad_row == "error":
-            raise ValueError(
+            raise DataError(
                 f"{bad_rows} malformed row(s) in {source} (format={data_format!r}); fix them or pass "
                 f"on_bad_row='skip':\n  {listed}"
             )
         log.warning("skipped %d malformed row(s) in %s:\n  %s", bad_rows, source, listed)
     if not rows:
-        raise ValueError(f"no valid rows in {source} (format={data_format!r}); nothing to train on")
+        raise DataError(f"no valid rows in {source} (format={data_format!r}); nothing to train on")
     return rows
 
 
