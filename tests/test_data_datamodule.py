@@ -4,6 +4,7 @@ import copy
 import gc
 import inspect
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -222,29 +223,54 @@ def test_sharding_from_the_trainer(make_dm):
     dm = make_dm(batch_size=1, val_fraction=0.0, test_fraction=0.0)
     shares = []
     for rank in range(2):
-        connector = SimpleNamespace(use_distributed_sampler=False)
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=3, _accelerator_connector=connector)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=3)
         shares.append([b["input_ids"].tolist() for b in dm.train_dataloader()])
         assert dm.train_sampler.epoch == 3
     assert len(shares[0]) == len(shares[1]) == 5
     assert not {str(b) for b in shares[0]} & {str(b) for b in shares[1]}
-    dm.trainer._accelerator_connector.use_distributed_sampler = True
-    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
-        dm.train_dataloader()
 
 
-def test_workers_and_pin_memory(make_dm):
+def test_workers_and_padding_to_a_multiple(make_dm):
     dm = make_dm(batch_size=4, num_workers=2, pad_to_multiple_of=8)
     loader = dm.train_dataloader()
     assert loader.persistent_workers and loader.num_workers == 2
-    assert loader.pin_memory == torch.cuda.is_available()
     batches = list(loader)
-    assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)
-    assert 0 <= padding_fraction(batches[0]) < 1
+    # Each batch holds the rows of the sampler's index batch, padded to the multiple of 8 at or above
+    # its longest row; its padding fraction follows from those rows' lengths alone.
+    index_batches = dm.train_sampler.batches_for_epoch(0)
+    assert len(batches) == len(index_batches) == 2
+    fractions = []
+    for batch, indices in zip(batches, index_batches):
+        lengths = [len(dm.train_dataset[i]["input_ids"]) for i in indices]
+        width = 8 * math.ceil(max(lengths) / 8)
+        assert batch["input_ids"].shape == (len(indices), width)
+        assert batch["attention_mask"].sum(1).tolist() == lengths
+        fractions.append(padding_fraction(batch))
+        assert fractions[-1] == pytest.approx(1 - sum(lengths) / (len(lengths) * width))
+    assert all(f > 0 for f in fractions)  # rows of different lengths, widths rounded up: real padding
     # Shut the persistent workers down now: left to a later garbage collection (e.g. inside an
     # import in another test), their shutdown can stall on its join timeouts.
     del loader
     gc.collect()
+
+
+def _loaders(dm):
+    return [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_explicit_pin_memory_reaches_every_loader(make_dm, monkeypatch, pin):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: not pin)  # an explicit choice wins over CUDA
+    dm = make_dm(pin_memory=pin, val_fraction=0.2, test_fraction=0.1)
+    assert [loader.pin_memory for loader in _loaders(dm)] == [pin] * 3
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_pin_memory_by_default_follows_cuda_availability(make_dm, monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    dm = make_dm(val_fraction=0.2, test_fraction=0.1)  # pin_memory left at its default, None
+    assert dm.pin_memory is None
+    assert [loader.pin_memory for loader in _loaders(dm)] == [cuda] * 3
 
 
 def test_real_dolly_sample(shared_dir, tok_dir, tmp_path, tiny_tokenizer):

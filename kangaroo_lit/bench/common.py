@@ -219,6 +219,6 @@ def write_outputs(out_dir: str | Path, stem: str, report: dict[str, Any], markdo
         if plot(report, out / f"{stem}.png"):
             paths.append(out / f"{stem}.png")
         else:
-            print("no matplotlib: no .png", file=sys.stderr)
+            print("no matplotlib, so no .png (pip install 'kangaroo_lit[plots]')", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return paths

@@ -26,7 +26,7 @@ from kangaroo_lit.data.cache import (
 )
 from kangaroo_lit.data.collate import Collator, resolve_pad_id
 from kangaroo_lit.data.dataset import TokenDataset, TokenizedRows
-from kangaroo_lit.data.rows import load_file_rows, load_hub_rows
+from kangaroo_lit.data.rows import hub_load_dataset, load_file_rows, load_hub_rows
 from kangaroo_lit.data.sampler import LengthGroupedBatchSampler
 from kangaroo_lit.data.tokenize import RowEncoder, TruncationStats
 from kangaroo_lit.embedded import resolve_path
@@ -172,9 +172,7 @@ class InstructionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download the Hub dataset once per node (local files need nothing here)."""
         if self.data_path is None:
-            from datasets import load_dataset
-
-            load_dataset(self.dataset_name, split="train")
+            hub_load_dataset()(self.dataset_name, split="train")
 
     def _load_tokenizer(self):
         if self.tokenizer is not None:

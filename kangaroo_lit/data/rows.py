@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kangaroo_lit.errors import DataError, DataFileNotFound
+from kangaroo_lit.errors import ConfigError, DataError, DataFileNotFound
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def load_hub_rows(
         ``(rows, fingerprint)``; the fingerprint changes whenever the dataset's content does, and
         keys the tokenization cache.
     """
-    from datasets import load_dataset  # imported lazily: local files need no ``datasets`` at all
+    load_dataset = hub_load_dataset()
 
     dataset = load_dataset(dataset_name, split=split)
     # ``_fingerprint`` is the datasets library's content hash (stable across processes for a given
@@ -295,3 +295,15 @@ def load_hub_rows(
     source = f"{dataset_name} (split {split!r})"
     records = ((Location(source, index=i), record) for i, record in enumerate(dataset))
     return collect_rows(records, data_format, on_bad_row, source=source), str(fingerprint)
+
+
+def hub_load_dataset():
+    """``datasets.load_dataset``, imported lazily (local files need no ``datasets``), or a clear error."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ConfigError(
+            "loading data from the Hugging Face Hub (data.data_path: null) needs the 'datasets' package: "
+            "pip install 'kangaroo_lit[data]', or pass a local file with --data.data_path"
+        ) from err
+    return load_dataset
