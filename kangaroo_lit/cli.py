@@ -36,7 +36,10 @@ from kangaroo_lit.run_info import RunInfoCallback
 OWN_SUBCOMMANDS: dict[str, str] = {
     "export": "kangaroo_lit.cli_export:main",
     "generate": "kangaroo_lit.cli_generate:main",
+    "pull": "kangaroo_lit.model_zoo:main",
+    "distill": "kangaroo_lit.distill:main",
     "bench": "kangaroo_lit.bench.cli:main",
+    "specbench": "kangaroo_lit.specbench.cli:main",
 }
 
 

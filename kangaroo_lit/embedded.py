@@ -15,11 +15,17 @@ TINY_DATA = PREFIX + "tiny-instruct.jsonl"
 
 
 def resolve_path(name_or_path: str | None) -> str | None:
-    """Turn ``embedded:<name>`` into the asset's absolute path; anything else is returned unchanged.
+    """Turn a short name into a path: ``embedded:<name>`` (a bundled asset) or ``model:<name>`` (a model
+    pulled by ``kangaroo-lit pull``, :mod:`kangaroo_lit.model_zoo`); anything else is returned unchanged.
 
     Raises:
         FileNotFoundError: if an ``embedded:`` asset does not exist (listing the available ones).
+        ModelSourceError: if a ``model:`` name is unknown or not pulled yet (saying how to pull it).
     """
+    if name_or_path is not None and str(name_or_path).startswith("model:"):
+        from kangaroo_lit.model_zoo import model_path
+
+        return str(model_path(str(name_or_path)))
     if name_or_path is None or not str(name_or_path).startswith(PREFIX):
         return name_or_path
     path = ASSETS_DIR / str(name_or_path)[len(PREFIX):]
