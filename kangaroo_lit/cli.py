@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kangaroo_lit.callbacks import JsonlPredictionWriter
@@ -27,10 +28,12 @@ from kangaroo_lit.checkpointing import (
     reconcile_settings,
     saved_settings,
 )
+from kangaroo_lit.embedded import resolve_path
 from kangaroo_lit.errors import KangarooError
 from kangaroo_lit.lit_module import KangarooLitModule
 from kangaroo_lit.preemption import GracefulStop
 from kangaroo_lit.run_info import RunInfoCallback
+from kangaroo_lit.threads import set_threads_for
 
 # name -> "module:function"; each function takes argv (list[str]) and returns an exit code.
 OWN_SUBCOMMANDS: dict[str, str] = {
@@ -50,17 +53,30 @@ class KangarooCLI(LightningCLI):
         # Users name the model once; the data module tokenizes with the same model's tokenizer.
         parser.link_arguments("model.base_model", "data.tokenizer")
         parser.add_lightning_class_args(KangarooCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--threads", type=int | None, default=None,
+            help="torch CPU threads; default 1 for models under 20M parameters, else every core",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check the checkpoint to resume (see :meth:`_reconcile_with_checkpoint`).
+        """Parse, then settle what the configuration leaves open: loggers without a ``save_dir`` log
+        under the run's root directory, CPU threads suit the model's size (:mod:`kangaroo_lit.threads`),
+        and a checkpoint to resume is checked against the settings (:meth:`_reconcile_with_checkpoint`).
 
         Done here, right after parsing, so that a broken or foreign checkpoint file is reported by
         :func:`~kangaroo_lit.checkpointing.load_checkpoint_file` before anything else reads it.
         """
         super().parse_arguments(parser, args)
-        self._reconcile_with_checkpoint()
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        config = self.config[sub]
+        self._set_log_dirs(config.trainer)
+        if config.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+            set_threads_for(resolve_path(config.model.base_model), config.get("threads"))
+        self._reconcile_with_checkpoint(sub, config)
 
-    def _reconcile_with_checkpoint(self) -> None:
+    def _reconcile_with_checkpoint(self, sub: str, config: Any) -> None:
         """Resume safely: never let the checkpoint silently override what the user asked for.
 
         A setting left at its default takes the checkpoint's value (so ``--ckpt_path`` alone resumes
@@ -70,11 +86,6 @@ class KangarooCLI(LightningCLI):
         ``fit`` everything that leaves the model's structure alone. (The module saves no Lightning
         hyperparameters, so LightningCLI itself does not re-parse the checkpoint over the command line.)
         """
-        sub = self.config.get("subcommand")
-        if not sub:
-            return
-        config = self.config[sub]
-        self._set_log_dirs(config.trainer)
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or Path(ckpt_path).is_dir():
             return  # Lightning's own names, or a DeepSpeed directory: Lightning resolves and loads those

@@ -120,3 +120,36 @@ def test_data_errors_are_one_line_with_exit_code_2(tmp_path, tiny_llama_dir, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"{bad}, line 2: not valid JSON" in err and "Traceback" not in err
+
+
+def test_cpu_threads_suit_the_model_size(tmp_path, tiny_llama_dir, capsys):
+    import torch
+
+    from kangaroo_lit.threads import SMALL_MODEL_PARAMETERS, approx_parameters, choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(fit_args(tmp_path, tiny_llama_dir, "--trainer.max_steps", "1")) == 0
+        assert torch.get_num_threads() == 1  # a tiny model: one thread
+        assert "note: 1 torch CPU thread(s) for a 0." in capsys.readouterr().err
+        assert main(fit_args(tmp_path / "b", tiny_llama_dir, "--trainer.max_steps", "1", "--threads", "2")) == 0
+        assert torch.get_num_threads() == 2 and "2 torch CPU thread(s) as asked" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    from transformers import AutoConfig
+
+    smol = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                tie_word_embeddings=True)
+    assert approx_parameters(smol) == pytest.approx(134_515_008, rel=0.01)  # SmolLM2-135M, norms aside
+    assert choose_threads(approx_parameters(smol)) > 1 or choose_threads(None) == 1
+    assert choose_threads(SMALL_MODEL_PARAMETERS - 1) == 1
+
+
+def test_resume_prints_no_wrong_dataloader_warning(tmp_path, tiny_llama_dir, recwarn):
+    assert main(fit_args(tmp_path, tiny_llama_dir, "--trainer.max_steps", "3")) == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert main(fit_args(tmp_path, tiny_llama_dir, "--trainer.max_steps", "5", "--ckpt_path", str(last))) == 0
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "not resumable" in m or "in eval mode" in m], messages
