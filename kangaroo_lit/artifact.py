@@ -15,14 +15,18 @@ The base weights are referenced (Hub name or local path), never copied.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from kangaroo_lit.architectures import load_base_model, resolve_dtype
+from kangaroo_lit.architectures import load_base_model, looks_like_local_path, resolve_dtype
 from kangaroo_lit.embedded import PREFIX, resolve_path
+from kangaroo_lit.errors import CheckpointError, ConfigError, KangarooError, ModelSourceError
 from kangaroo_lit.model import KangarooModel, LoraSettings
 from kangaroo_lit.run_info import git_revision, package_versions
 
@@ -79,19 +83,88 @@ def manifest_for(model: KangarooModel, base_model: str, dtype: str, training: di
     }
 
 
+def check_out_dir(out_dir: str | Path, overwrite: bool = False, keep: tuple[str | Path | None, ...] = ()) -> Path:
+    """The artifact directory to write, refused when writing it would lose something.
+
+    An existing non-empty directory needs ``overwrite``; with it, the directory must not hold any of
+    ``keep`` (the checkpoint being exported, the base model), which replacing it would delete.
+
+    Raises:
+        ConfigError: naming the directory and what to do.
+    """
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." and "x/.." get a real name and parent
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))  # replace the directory the link points to, keep the link
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out_dir {out} exists and is not empty; pass --overwrite to replace it (everything "
+                              "in it is deleted) or choose another directory")
+        root = out.resolve()
+        for item in keep:
+            if item is None or not looks_like_local_path(str(item)) or not Path(item).expanduser().exists():
+                continue
+            path = Path(item).expanduser().resolve()
+            if path == root or root in path.parents:
+                raise ConfigError(f"--out_dir {out} holds {path}, which --overwrite would delete; choose another "
+                                  "directory")
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside first and deleted last."""
+    check_out_dir(out, overwrite)  # again: something may have appeared there while the artifact was written
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
 def save_artifact(model: KangarooModel, out_dir: str | Path, base_model: str, dtype: str = "float32",
-                  training: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> Path:
-    """Write the artifact of ``model`` to ``out_dir`` (created; existing files are overwritten)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+                  training: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write the artifact of ``model`` to ``out_dir``, all or nothing.
+
+    The files are written to a temporary directory beside ``out_dir`` (same file system) that is
+    renamed to ``out_dir`` only when complete, so an interrupted export leaves no half artifact and
+    never mixes old files with new ones.
+
+    Args:
+        overwrite: replace an existing non-empty ``out_dir`` (it is moved aside, the new artifact renamed
+            in, then the old one deleted); without it such a directory is refused.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, or a non-empty directory without ``overwrite``.
+    """
+    out = check_out_dir(out_dir, overwrite, keep=(base_model,))
+    out.parent.mkdir(parents=True, exist_ok=True)
     manifest = manifest_for(model, base_model, dtype, training, metrics)
-    save_file(_cpu_contiguous(model.adapter.state_dict()), str(out / ADAPTER_FILE))
-    if model.exit_proj is not None:
-        save_file(_cpu_contiguous(model.exit_proj.state_dict()), str(out / HEAD_FILE))
-    if model.has_lora:
-        model.base.save_pretrained(str(out / LORA_DIR))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    (out / "README.md").write_text(model_card(manifest))
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(_cpu_contiguous(model.adapter.state_dict()), str(tmp / ADAPTER_FILE))
+        if model.exit_proj is not None:
+            save_file(_cpu_contiguous(model.exit_proj.state_dict()), str(tmp / HEAD_FILE))
+        if model.has_lora:
+            model.base.save_pretrained(str(tmp / LORA_DIR))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(manifest))
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -127,21 +200,223 @@ def model_card(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _field_error(artifact_dir: Path, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field '{field}' {problem}")
+
+
+def _check_field(manifest: dict, artifact_dir: Path, field: str, kinds: tuple[type, ...], what: str,
+                 prefix: str = "") -> Any:
+    if field not in manifest:
+        raise _field_error(artifact_dir, prefix + field, "is missing")
+    value = manifest[field]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise _field_error(artifact_dir, prefix + field, f"must be {what}, got {value!r}")
+    return value
+
+
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
-    """Parse ``kangaroo.json`` with a clear error when the directory is not an artifact."""
-    path = Path(artifact_dir) / MANIFEST
+    """Parse and check ``kangaroo.json``: every field the loader needs is there, with a usable value.
+
+    Raises:
+        CheckpointError: the directory does not exist or is no artifact, the file is not JSON, of another
+            format version, or a field is missing or malformed (named with its value).
+    """
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir():
+        raise CheckpointError(f"no such artifact directory: {artifact_dir}")
     if not path.is_file():
-        raise FileNotFoundError(f"{artifact_dir} is not a kangaroo_lit artifact: {MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
+        raise CheckpointError(f"{artifact_dir} is not a kangaroo_lit artifact: {MANIFEST} is missing "
+                              "(`kangaroo-lit export` writes it)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this kangaroo_lit reads "
-                         f"{FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r}, this kangaroo_lit reads "
+                              f"{FORMAT_VERSION}")
+    _check_field(manifest, artifact_dir, "base_model", (str,), "a model name or path")
+    _check_field(manifest, artifact_dir, "model_type", (str,), "a string")
+    num_layers = _check_field(manifest, artifact_dir, "num_layers", (int,), "an int")
+    exit_layer = _check_field(manifest, artifact_dir, "exit_layer", (int,), "an int")
+    if not 0 <= exit_layer <= num_layers - 2:
+        raise _field_error(artifact_dir, "exit_layer", f"is {exit_layer}, outside 0..{num_layers - 2} for the "
+                           f"{num_layers} layers of field 'num_layers'")
+    dtype = _check_field(manifest, artifact_dir, "dtype", (str,), "a dtype name")
+    try:
+        resolve_dtype(dtype)
+    except KangarooError as err:
+        raise _field_error(artifact_dir, "dtype", str(err)) from None
+    exit_head = _check_field(manifest, artifact_dir, "exit_head", (str,), "'shared' or 'trainable'")
+    if exit_head not in ("shared", "trainable"):
+        raise _field_error(artifact_dir, "exit_head", f"must be 'shared' or 'trainable', got {exit_head!r}")
+    adapter = _check_field(manifest, artifact_dir, "adapter", (dict,), "an object")
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
+        _check_field(adapter, artifact_dir, key, (int,), "an int", prefix="adapter.")
+    lora = _check_field(manifest, artifact_dir, "lora", (dict, type(None)), "an object or null")
+    if lora is not None:
+        rank = _check_field(lora, artifact_dir, "rank", (int,), "an int >= 1", prefix="lora.")
+        if rank < 1:
+            raise _field_error(artifact_dir, "lora.rank", f"must be >= 1 (no LoRA is lora: null), got {rank}")
+        _check_field(lora, artifact_dir, "alpha", (int, float), "a number", prefix="lora.")
+        targets = _check_field(lora, artifact_dir, "target_modules", (list,), "a list of module names",
+                               prefix="lora.")
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise _field_error(artifact_dir, "lora.target_modules", f"must be a list of module names, got {targets!r}")
+        scope = _check_field(lora, artifact_dir, "scope", (str,), "'draft' or 'shared'", prefix="lora.")
+        if scope not in ("draft", "shared"):
+            raise _field_error(artifact_dir, "lora.scope", f"must be 'draft' or 'shared', got {scope!r}")
+        if "dropout" in lora:
+            _check_field(lora, artifact_dir, "dropout", (int, float), "a number", prefix="lora.")
+        if "layers" in lora and lora["layers"] != list(range(exit_layer + 1)):
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'exit_layer' is {exit_layer} (LoRA on "
+                                  f"layers {list(range(exit_layer + 1))}) but field 'lora.layers' is {lora['layers']}")
+    _check_training_record(manifest, artifact_dir)
     return manifest
+
+
+def _check_training_record(manifest: dict, artifact_dir: Path) -> None:
+    """The fields the draft's tensors depend on agree with the training settings recorded beside them."""
+    model = (manifest.get("training") or {}).get("model")
+    if not isinstance(model, dict):
+        return  # a hand-made manifest: nothing to compare with
+    checks = []
+    if "exit_layer" in model:
+        checks.append(("exit_layer", manifest["exit_layer"], "training.model.exit_layer", model["exit_layer"]))
+    if isinstance(model.get("lora"), dict) and "rank" in model["lora"]:
+        rank = manifest["lora"]["rank"] if manifest["lora"] else 0
+        checks.append(("lora.rank", rank, "training.model.lora.rank", model["lora"]["rank"]))
+    if isinstance(model.get("draft"), dict) and "exit_head" in model["draft"]:
+        trained_head = model["draft"]["exit_head"]
+        checks.append(("exit_head", manifest["exit_head"], "training.model.draft.exit_head", trained_head))
+    for field, value, trained_field, trained in checks:
+        if value != trained:
+            shown = "0 (lora: null)" if field == "lora.rank" and not manifest["lora"] else repr(value)
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field '{field}' is {shown} but "
+                                  f"'{trained_field}' (the run that trained these weights) is {trained!r}")
+
+
+def _lora_config_mismatch(artifact_dir: Path, manifest: dict) -> None:
+    """``lora/adapter_config.json`` (what PEFT saved with the tensors) says what ``kangaroo.json`` says."""
+    lora = manifest["lora"]
+    lora_dir = artifact_dir / LORA_DIR
+    if lora is None:
+        if lora_dir.exists():
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'lora' is null but the artifact has "
+                                  f"LoRA weights in {LORA_DIR}/")
+        return
+    config_path = lora_dir / "adapter_config.json"
+    for needed in (config_path, lora_dir / "adapter_model.safetensors"):
+        if not needed.is_file():
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'lora' sets rank {lora['rank']} but "
+                                  f"{needed.relative_to(artifact_dir)} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+
+    def as_sorted(value: Any) -> Any:
+        return sorted(value) if isinstance(value, (list, tuple, set)) else value
+
+    alpha = config.get("lora_alpha")
+    layers = config.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    checks = [
+        ("lora.rank", lora["rank"], "r", config.get("r")),
+        ("lora.alpha", float(lora["alpha"]), "lora_alpha", float(alpha) if isinstance(alpha, (int, float)) else alpha),
+        ("lora.target_modules", as_sorted(lora["target_modules"]), "target_modules",
+         as_sorted(config.get("target_modules"))),
+        ("exit_layer", list(range(manifest["exit_layer"] + 1)), "layers_to_transform",
+         sorted(layers) if isinstance(layers, list) else layers),
+    ]
+    for field, value, key, saved in checks:
+        if value != saved:
+            shown = f"{manifest['exit_layer']} (LoRA on layers {value})" if field == "exit_layer" else repr(value)
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field '{field}' is {shown} but "
+                                  f"{LORA_DIR}/adapter_config.json has {key} {saved!r}")
+
+
+def _tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Names and shapes of the tensors in a safetensors file, without loading them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(err).strip()[:160]})") from err
+
+
+def _check_tensors(artifact_dir: Path, relative: str, expected: dict[str, torch.Size], strip: str = "") -> None:
+    """The file holds exactly the tensors, with the shapes, of the model built from the manifest."""
+    path = artifact_dir / relative
+    if not path.is_file():
+        raise CheckpointError(f"artifact {artifact_dir}: {relative} is missing")
+    got = _tensor_shapes(path)
+    want = {k[len(strip):] if strip and k.startswith(strip) else k: list(v) for k, v in expected.items()}
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    built = f"the model built from {MANIFEST}"
+    if missing:
+        raise CheckpointError(f"artifact {artifact_dir}: {relative} lacks {len(missing)} tensor(s) that {built} "
+                              f"needs, e.g. {missing[0]!r} of shape {want[missing[0]]}")
+    if unexpected:
+        raise CheckpointError(f"artifact {artifact_dir}: {relative} holds {len(unexpected)} tensor(s) that fit no "
+                              f"parameter of {built}, e.g. {unexpected[0]!r} of shape {got[unexpected[0]]}")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise CheckpointError(f"artifact {artifact_dir}: tensor {name!r} in {relative} has shape {got[name]} but "
+                                  f"{built} expects {shape}")
+
+
+def _check_base(artifact_dir: Path, manifest: dict, config: Any, base_name: str) -> None:
+    """The base model is the one the draft was trained on, as far as its configuration can tell."""
+    adapter = manifest["adapter"]
+    checks = [
+        ("model_type", manifest["model_type"], "model_type", config.model_type),
+        ("num_layers", manifest["num_layers"], "num_hidden_layers", config.num_hidden_layers),
+        ("adapter.hidden_size", adapter["hidden_size"], "hidden_size", config.hidden_size),
+        ("adapter.num_attention_heads", adapter["num_attention_heads"], "num_attention_heads",
+         config.num_attention_heads),
+        ("adapter.num_key_value_heads", adapter["num_key_value_heads"], "num_key_value_heads",
+         getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+    ]
+    for field, value, key, actual in checks:
+        if value != actual:
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field '{field}' is {value!r} but the base "
+                                  f"model {base_name} has {key} {actual!r} (a draft works only on the base it was "
+                                  "trained on: pass that one with --base_model)")
+
+
+def _base_model_source(artifact_dir: Path, manifest: dict, base_model: str | None) -> str:
+    """The base model to load: the override, else the recorded one, which must still exist if it is a path."""
+    if base_model is not None:
+        try:
+            return resolve_path(base_model)
+        except FileNotFoundError as err:  # an unknown embedded: asset
+            raise ModelSourceError(str(err)) from None
+    recorded = manifest["base_model"]
+    try:
+        name = resolve_path(recorded)
+    except FileNotFoundError as err:  # an embedded: asset this installation lacks
+        raise ModelSourceError(f"artifact {artifact_dir}: {err}; pass --base_model <path or hub name>") from None
+    if looks_like_local_path(name) and not Path(name).expanduser().exists():
+        raise ModelSourceError(f"artifact {artifact_dir}: its base model {recorded} (recorded in {MANIFEST}) no "
+                               "longer exists; pass --base_model <path or hub name> to say where that model is now")
+    return name
 
 
 def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
                   base_model: str | None = None) -> KangarooModel:
     """Rebuild the :class:`KangarooModel` of an artifact, in eval mode.
+
+    The manifest is checked against the files before anything is loaded into the model: the LoRA
+    configuration PEFT saved, the base model's configuration, and the name and shape of every tensor
+    (none missing, none left over). A mismatch is a one-line :class:`CheckpointError`.
 
     Args:
         dtype: dtype of the whole model (base and trainable parts); default the manifest's.
@@ -150,15 +425,30 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
     """
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
+    _lora_config_mismatch(artifact_dir, manifest)
+    trainable = manifest["exit_head"] == "trainable"
+    if not trainable and (artifact_dir / HEAD_FILE).exists():
+        raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'exit_head' is 'shared' but the artifact "
+                              f"has a trained head in {HEAD_FILE}")
     torch_dtype = resolve_dtype(dtype or manifest["dtype"])
-    base = load_base_model(resolve_path(base_model or manifest["base_model"]), torch_dtype)
+    base_name = _base_model_source(artifact_dir, manifest, base_model)
+    base = load_base_model(base_name, torch_dtype)
+    _check_base(artifact_dir, manifest, base.config, base_name)
     lora = None
     if manifest["lora"]:
         m = manifest["lora"]
-        lora = LoraSettings(rank=m["rank"], alpha=m["alpha"], dropout=m["dropout"],
+        lora = LoraSettings(rank=m["rank"], alpha=m["alpha"], dropout=m.get("dropout", 0.0),
                             target_modules=list(m["target_modules"]), scope=m["scope"])
     model = KangarooModel(base, manifest["exit_layer"], lora=lora, exit_head=manifest["exit_head"],
                           trainable_dtype=torch_dtype)
+    _check_tensors(artifact_dir, ADAPTER_FILE, {k: v.shape for k, v in model.adapter.state_dict().items()})
+    if model.exit_proj is not None:
+        _check_tensors(artifact_dir, HEAD_FILE, {k: v.shape for k, v in model.exit_proj.state_dict().items()})
+    if model.has_lora:
+        from peft import get_peft_model_state_dict
+
+        _check_tensors(artifact_dir, f"{LORA_DIR}/adapter_model.safetensors",
+                       {k: v.shape for k, v in get_peft_model_state_dict(model.base).items()})
     model.adapter.load_state_dict(load_file(str(artifact_dir / ADAPTER_FILE)))
     if model.exit_proj is not None:
         model.exit_proj.load_state_dict(load_file(str(artifact_dir / HEAD_FILE)))
@@ -169,20 +459,25 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
         result = set_peft_model_state_dict(model.base, lora_state)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise ValueError(f"{artifact_dir / LORA_DIR}: LoRA tensors that fit no module: {unexpected[:5]}")
+            raise CheckpointError(f"{artifact_dir / LORA_DIR}: LoRA tensors that fit no module: {unexpected[:5]}")
     model.to(device or "cpu")
     model.requires_grad_(False)
     return model.eval()
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """Lightning checkpoint -> artifact directory (the base model is rebuilt from its name/path)."""
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: str | None = None,
+                      overwrite: bool = False) -> Path:
+    """Lightning checkpoint -> artifact directory (the base model is rebuilt from its name/path).
+
+    ``out_dir`` is checked first (before the model is loaded); see :func:`save_artifact` for ``overwrite``.
+    """
     import dataclasses
 
-    from kangaroo_lit.checkpointing import saved_settings
+    from kangaroo_lit.checkpointing import load_checkpoint_file, saved_settings
     from kangaroo_lit.lit_module import KangarooLitModule
 
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    check_out_dir(out_dir, overwrite, keep=(str(ckpt_path),))
+    ckpt = load_checkpoint_file(ckpt_path)
     settings = saved_settings(ckpt, source=str(ckpt_path))
     if base_model is not None:
         settings = dataclasses.replace(settings, base_model=base_model)
@@ -191,7 +486,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: st
     module.on_load_checkpoint(ckpt)  # refuses a checkpoint of another configuration
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if unexpected:
-        raise ValueError(f"{ckpt_path}: tensors that fit no parameter: {unexpected[:5]}")
+        raise CheckpointError(f"{ckpt_path}: tensors that fit no parameter: {unexpected[:5]}")
     training = {
         "model": settings.to_dict(),
         "data": ckpt.get("datamodule_hyper_parameters"),
@@ -199,5 +494,5 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: st
         "epoch": ckpt.get("epoch"),
         "checkpoint": str(Path(ckpt_path).resolve()),
     }
-    return save_artifact(module.model, out_dir, settings.base_model, settings.dtype,
-                         training=training, metrics=ckpt.get("kangaroo_metrics"))
+    return save_artifact(module.model, out_dir, settings.base_model, settings.dtype, training=training,
+                         metrics=ckpt.get("kangaroo_metrics"), overwrite=overwrite)

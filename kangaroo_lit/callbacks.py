@@ -13,25 +13,61 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Write ``predict`` results as JSON lines (one per prompt, in prompt order).
+    """Write ``predict`` results as JSON lines (one per prompt, in prompt order), each as soon as it is done.
+
+    The file is emptied when a predict run writes its first result, and each later result is appended and
+    flushed, so a run that stops halfway keeps every response decoded before. With several processes each
+    writes its own file, ``<name>.rank<N>.jsonl``.
 
     Args:
         output_path: the file; default ``<default_root_dir>/predictions.jsonl``.
     """
 
     def __init__(self, output_path: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch")
         self.output_path = output_path
+        self._file = None
+        self._path: Path | None = None
+        self._mats: list[float] = []
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+    def path(self, trainer: L.Trainer) -> Path:
+        """Where this process writes."""
         path = Path(self.output_path or os.path.join(trainer.default_root_dir, "predictions.jsonl"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        with path.open("w") as f:
-            for row in sorted(rows, key=lambda r: r["index"]):
-                f.write(json.dumps(row) + "\n")
-        mats = [r["mat"] for r in rows]
-        print(f"wrote {len(rows)} responses to {path} (mean MAT {sum(mats) / max(1, len(mats)):.2f})")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        self._path = self.path(trainer)
+        self._mats = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        rows = prediction if isinstance(prediction, list) else [prediction]
+        if self._file is None:  # the first result of this run: start the file afresh
+            path = self._path or self.path(trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("w")
+        for row in rows:
+            self._file.write(json.dumps(row) + "\n")
+            self._mats.append(row["mat"])
+        self._file.flush()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wrote = self._file is not None
+        self._close()
+        if wrote:
+            mats = self._mats
+            print(f"wrote {len(mats)} responses to {self._path} (mean MAT {sum(mats) / max(1, len(mats)):.2f})")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()  # what was written stays
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class DecodeEvalCallback(L.Callback):
@@ -41,6 +77,7 @@ class DecodeEvalCallback(L.Callback):
     ``decode/speedup`` (self-speculative vs the vanilla loop, same prompts, same process). Greedy
     outputs are compared with the vanilla loop's: ``decode/identical`` is the fraction that match
     (1.0 expected in float32 on CPU; a near-tie may flip in lower precision, never hidden).
+    With several processes every rank decodes the same prompts and rank 0 logs.
 
     Args:
         num_prompts: validation rows to decode (their prompt part, up to the first target token).
@@ -72,7 +109,11 @@ class DecodeEvalCallback(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # Every rank decodes the same prompts; the loggers write on rank 0 only. Not rank 0 alone:
+        # the other ranks would wait for it in the next collective (under a process-group timeout),
+        # and a strategy that shards the weights (ZeRO-3) gathers them in every forward, which is
+        # itself a collective.
+        if trainer.sanity_checking:
             return
         from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 
@@ -107,5 +148,6 @@ class DecodeEvalCallback(L.Callback):
             "decode/speedup": (totals["spec_n"] / totals["spec_t"]) / max(1e-9, totals["van_n"] / totals["van_t"]),
             "decode/identical": totals["same"] / totals["count"],
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)

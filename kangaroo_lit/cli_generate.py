@@ -7,7 +7,8 @@
 Without ``--artifact``, ``--base_model`` + ``--exit_layer`` decode with a freshly initialised adapter
 (the untrained early exit): the machinery on any supported model, lossless but with little acceleration.
 The text streams to stdout and a one-line summary follows (stderr); ``--json`` prints one JSON object
-on stdout and nothing else there (DESIGN §4b).
+per prompt on stdout (one line each, written as each prompt finishes) and nothing else there (DESIGN §4b).
+Every prompt is checked (it fits the model's context with ``--max_new_tokens``) before the first is decoded.
 
 The arguments are the fields of ``GenerateOptions`` (jsonargparse, LightningCLI's underscore style):
 any of them may come from ``--config FILE``; ``--print_config`` prints them as YAML and exits. The
@@ -25,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
+
+from kangaroo_lit.errors import ConfigError, KangarooError, ModelSourceError
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -47,17 +50,19 @@ class GenerateOptions:
         prompt_file: .txt (one prompt per line) or JSONL/JSON with prompt/instruction fields.
         format: raw: the text as is; instruction: the training template (### Instruction: ...);
             chat: the tokenizer's chat template (falls back to instruction).
-        max_new_tokens: tokens to generate per prompt.
-        temperature: 0 = greedy, else lossless speculative sampling.
-        top_p: nucleus sampling (1 = off).
-        top_k: top-k sampling (0 = off).
-        threshold: second early exit: a draft below this top-1 probability ends the round (Kangaroo: 0.6).
-        max_draft: most drafts per round (Kangaroo: 6).
+        max_new_tokens: tokens to generate per prompt (>= 1; prompt + these must fit the model's context).
+        temperature: 0 = greedy, else lossless speculative sampling (>= 0).
+        top_p: nucleus sampling, in (0, 1] (1 = off).
+        top_k: top-k sampling, >= 0 (0 = off).
+        threshold: second early exit: a draft below this top-1 probability ends the round (Kangaroo: 0.6);
+            in [0, 1].
+        max_draft: most drafts per round (Kangaroo: 6); >= 1.
         compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
         dtype: dtype of the whole model.
-        device: torch device; auto = cuda when available, else cpu.
+        device: torch device (cpu, cuda, cuda:N); auto = cuda when available, else cpu.
         seed: sampling seed.
-        json: print one JSON object on stdout (a list for several prompts) instead of text + summary.
+        json: print one JSON object per prompt on stdout (one line each, as each finishes) instead of text
+            + summary.
     """
 
     artifact: str | None = None
@@ -79,12 +84,46 @@ class GenerateOptions:
     json: bool = False
 
     def __post_init__(self) -> None:
+        from kangaroo_lit.settings import DecodingSettings
+
         if self.artifact is None and self.base_model is None:
-            raise ValueError("give --artifact, or --base_model with --exit_layer")
+            raise ConfigError("give --artifact, or --base_model with --exit_layer")
         if self.artifact is None and self.exit_layer is None:
-            raise ValueError("--base_model without --artifact needs --exit_layer")
+            raise ConfigError("--base_model without --artifact needs --exit_layer")
         if bool(self.prompt) == (self.prompt_file is not None):
-            raise ValueError("give exactly one of --prompt and --prompt_file")
+            raise ConfigError("give exactly one of --prompt and --prompt_file")
+        if self.exit_layer is not None and self.exit_layer < 0:
+            raise ConfigError(f"--exit_layer must be >= 0, got {self.exit_layer}")
+        try:  # the same rules as the module's decoding settings, named as this command's options
+            DecodingSettings(max_new_tokens=self.max_new_tokens, threshold=self.threshold, max_draft=self.max_draft,
+                             temperature=self.temperature)
+        except ValueError as err:
+            raise ConfigError(str(err).replace("decoding.", "--", 1)) from None
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        if self.device == "auto":
+            return
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {self.device!r} is not a torch device; use auto, cpu, cuda or "
+                              "cuda:N") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: CUDA is not available in this torch build/machine; "
+                                  "use --device cpu")
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                raise ConfigError(f"--device {self.device}: this machine has {count} CUDA device(s): "
+                                  f"cuda:0..cuda:{count - 1}")
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {self.device}: MPS is not available in this torch build/machine; "
+                              "use --device cpu")
 
     @property
     def torch_device(self) -> torch.device:
@@ -120,49 +159,65 @@ def parse(argv: list[str] | None = None) -> dict[str, Any]:
     return cfg
 
 
+def _resolve(name: str) -> str:
+    from kangaroo_lit.embedded import resolve_path
+
+    try:
+        return resolve_path(name)
+    except FileNotFoundError as err:  # an unknown embedded: asset
+        raise ModelSourceError(str(err)) from None
+
+
 def load_model(opts: GenerateOptions):
     """(KangarooModel, tokenizer) from an artifact or a plain HF model."""
-    from transformers import AutoTokenizer
-
-    from kangaroo_lit.embedded import resolve_path
+    from kangaroo_lit.architectures import load_tokenizer
 
     if opts.artifact:
         from kangaroo_lit.artifact import load_artifact, read_manifest
 
         manifest = read_manifest(opts.artifact)
         if opts.exit_layer is not None and opts.exit_layer != manifest["exit_layer"]:
-            raise ValueError(f"--exit_layer {opts.exit_layer}: the artifact {opts.artifact} was trained for exit "
-                             f"layer {manifest['exit_layer']} (drop --exit_layer)")
-        base = resolve_path(opts.base_model or manifest["base_model"])
+            raise ConfigError(f"--exit_layer {opts.exit_layer}: the artifact {opts.artifact} was trained for exit "
+                              f"layer {manifest['exit_layer']} (drop --exit_layer)")
         model = load_artifact(opts.artifact, dtype=opts.dtype, device=opts.torch_device, base_model=opts.base_model)
-    else:
-        from kangaroo_lit.architectures import load_base_model, resolve_dtype
-        from kangaroo_lit.model import KangarooModel
+        return model, load_tokenizer(_resolve(opts.base_model or manifest["base_model"]))
+    from kangaroo_lit.architectures import check_model_source, load_base_model, resolve_dtype
+    from kangaroo_lit.model import KangarooModel
 
-        base = resolve_path(opts.base_model)
-        dtype = resolve_dtype(opts.dtype)
-        model = KangarooModel(load_base_model(base, dtype), opts.exit_layer, trainable_dtype=dtype)
-        model.to(opts.torch_device).eval().requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(base)
+    base = _resolve(opts.base_model)
+    check_model_source(base)  # a missing directory, or one without config.json, before the tokenizer says less
+    tokenizer = load_tokenizer(base)  # before the model: quick to load, or to fail
+    dtype = resolve_dtype(opts.dtype)
+    model = KangarooModel(load_base_model(base, dtype), opts.exit_layer, trainable_dtype=dtype)
+    model.to(opts.torch_device).eval().requires_grad_(False)
+    return model, tokenizer
 
 
-def prompt_texts(opts: GenerateOptions, tokenizer) -> list[str]:
-    from kangaroo_lit.data.prompt_file import load_prompts, render_prompt
+def prompt_entries(opts: GenerateOptions) -> list[tuple[str, dict]]:
+    """``(where, entry)`` for every prompt: ``--prompt`` or each line/element of ``--prompt_file``."""
+    from kangaroo_lit.data.prompt_file import load_prompt_entries
 
-    entries = load_prompts(opts.prompt_file) if opts.prompt_file else [{"raw": opts.prompt}]
+    return load_prompt_entries(opts.prompt_file) if opts.prompt_file else [("--prompt", {"raw": opts.prompt})]
+
+
+def prompt_texts(opts: GenerateOptions, tokenizer, entries: list[tuple[str, dict]] | None = None) -> list[str]:
+    """The text fed to the model for each prompt, rendered as ``--format`` says."""
+    from kangaroo_lit.data.prompt_file import render_prompt
+
     texts = []
-    for entry in entries:
+    for _, entry in prompt_entries(opts) if entries is None else entries:
         if opts.format != "raw" and "raw" in entry:
             entry = {"instruction": entry["raw"], "context": ""}
         texts.append(render_prompt(entry, tokenizer, use_chat_template=opts.format == "chat"))
     return texts
 
 
-def decode_one(opts: GenerateOptions, model, tokenizer, text: str, stream: bool) -> dict[str, Any]:
+def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, stream: bool) -> dict[str, Any]:
+    """Decode one tokenized prompt (1, T); the JSON object of DESIGN §4b."""
     from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 
     device = opts.torch_device
-    ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+    ids = ids.to(device)
     eos = tokenizer.eos_token_id
     sampling = dict(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k)
     printed = {"tokens": [], "text": ""}
@@ -207,36 +262,44 @@ def summary_line(out: dict[str, Any]) -> str:
 
 
 def generate(opts: GenerateOptions) -> int:
-    """Decode every prompt of ``opts``; 0 on success, 2 (with a message on stderr) on a usage or input error."""
-    try:
-        model, tokenizer = load_model(opts)
-        texts = prompt_texts(opts, tokenizer)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    results = []
-    for text in texts:
-        stream = not opts.json and not opts.compare_vanilla
-        try:
-            out = decode_one(opts, model, tokenizer, text, stream)
-        except ValueError as err:  # e.g. a prompt longer than the context allows
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        results.append(out)
-        if not opts.json:
+    """Decode every prompt of ``opts``; 0 on success.
+
+    Every prompt is read, rendered, tokenized and checked against the model's context before the first
+    is decoded, so a bad prompt stops the run before any work is lost; each result is written (and
+    flushed) as soon as its prompt is done.
+
+    Raises:
+        KangarooError: a bad option, prompt file, model or artifact (``main`` prints it as one line).
+    """
+    from kangaroo_lit.data.prompt_file import check_prompt_lengths
+
+    entries = prompt_entries(opts)  # a malformed prompt file fails before a model is loaded
+    model, tokenizer = load_model(opts)
+    texts = prompt_texts(opts, tokenizer, entries)
+    encoded = [tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    check_prompt_lengths([(where, ids.shape[1]) for (where, _), ids in zip(entries, encoded)], opts.max_new_tokens,
+                         getattr(model.config, "max_position_embeddings", None))
+    stream = not opts.json and not opts.compare_vanilla
+    for ids in encoded:
+        out = decode_one(opts, model, tokenizer, ids, stream)
+        if opts.json:
+            sys.stdout.write(json.dumps(out) + "\n")
+        else:
             if not stream:
                 sys.stdout.write(out["text"])
             sys.stdout.write("\n")
-            print(summary_line(out), file=sys.stderr)
-    if opts.json:
-        print(json.dumps(results[0] if len(results) == 1 else results))
+        sys.stdout.flush()
+        if not opts.json:
+            print(summary_line(out), file=sys.stderr, flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``kangaroo-lit generate``: 0 on success, 2 with one ``error:`` line for a user's mistake."""
+    from kangaroo_lit.cli_export import report_user_error
+
+    cfg = parse(argv)
     try:
-        opts = GenerateOptions(**parse(argv))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return generate(opts)
+        return generate(GenerateOptions(**cfg))
+    except KangarooError as err:
+        return report_user_error(err)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from kangaroo_lit.architectures import load_base_model, resolve_dtype
@@ -227,6 +228,33 @@ class KangarooLitModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def on_predict_start(self) -> None:
+        """Check every prompt against the model's context before the first is decoded.
+
+        A prompt too long for ``decoding.max_new_tokens`` more tokens would otherwise stop the run halfway,
+        after earlier prompts were decoded. The prompts are the predict loaders' items (dicts with
+        ``input_ids`` and, from the data module, ``source`` naming the file and line).
+        """
+        from torch.utils.data import IterableDataset
+
+        from kangaroo_lit.data.prompt_file import check_prompt_lengths
+
+        loaders = self.trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        prompts = []
+        for loader in loaders:
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+                continue  # a stream: its prompts are checked one by one when decoded
+            for position in range(len(dataset)):
+                item = dataset[position]
+                if isinstance(item, dict) and torch.is_tensor(item.get("input_ids")):
+                    where = item.get("source") or f"prompt {item.get('index', position)}"
+                    prompts.append((where, item["input_ids"].shape[-1]))
+        check_prompt_lengths(prompts, self.settings.decoding.max_new_tokens,
+                             getattr(self.model.config, "max_position_embeddings", None),
+                             option="--model.decoding.max_new_tokens")
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Decode one prompt with the self-speculative decoder; returns the response and its statistics."""
         from kangaroo_lit.decoding import SelfSpeculativeDecoder
@@ -260,6 +288,29 @@ class KangarooLitModule(L.LightningModule):
         optimizer = build_optimizer((p for _, p in self.model.trainable_parameters()), self.settings.optimizer)
         scheduler = build_scheduler(optimizer, self.settings.optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Say once (rank 0) how many rows one optimizer step sees and how many steps the schedule spans.
+
+        global batch = rows per batch per process x processes x ``accumulate_grad_batches``. With several
+        processes each takes its own share of every epoch's batches (the data module's sampler shards by
+        rank), so at the same global batch a run has the same number of optimizer steps whatever the
+        process count; the LR schedule spans ``trainer.estimated_stepping_batches`` of them.
+        """
+        trainer = self.trainer
+        per_process = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if per_process is None:
+            loader = trainer.train_dataloader
+            per_process = getattr(loader, "batch_size", None) or getattr(
+                getattr(loader, "batch_sampler", None), "batch_size", None)
+        processes, accumulation = trainer.world_size, trainer.accumulate_grad_batches
+        steps = trainer.estimated_stepping_batches
+        global_batch = per_process * processes * accumulation if per_process else "?"
+        rank_zero_info(
+            f"global batch {global_batch} rows per optimizer step = {per_process or '?'} per process x "
+            f"{processes} process(es) x {accumulation} accumulation step(s); {steps} optimizer steps in "
+            f"this run's schedule (from step {trainer.global_step})"
+        )
 
     # ----------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -203,3 +203,65 @@ def test_slurm_script_resumes_from_last_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints" / "last.ckpt").mkdir()  # DeepSpeed writes a directory
     again = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     assert f"--ckpt_path {tmp_path}/run/checkpoints/last.ckpt" in again.stdout
+
+
+def predict_run(tmp_path, model_dir, prompts, output, max_new_tokens=4, spy=None):
+    """``trainer.predict`` as ``kangaroo-lit predict`` runs it (module, data module, the JSONL writer), without
+    the CLI's parsing and without a checkpoint: fast. ``spy(module, batch_idx)`` runs before each prompt."""
+    import lightning as L
+
+    from kangaroo_lit.callbacks import JsonlPredictionWriter
+    from kangaroo_lit.data import InstructionDataModule
+    from kangaroo_lit.settings import DecodingSettings
+    from tests.helpers import make_module
+
+    module = make_module(model_dir, decoding=DecodingSettings(max_new_tokens=max_new_tokens))
+    if spy is not None:
+        real = module.predict_step
+
+        def predict_step(batch, batch_idx):
+            spy(module, batch_idx)
+            return real(batch, batch_idx)
+
+        module.predict_step = predict_step
+    # data_path: prepare_data would otherwise fetch the Hub dataset, even for predict
+    data = InstructionDataModule(tokenizer=str(model_dir), predict_path=str(prompts), data_path=str(DOLLY_FIXTURE),
+                                 num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
+                        callbacks=[JsonlPredictionWriter(str(output))], enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.predict(module, datamodule=data, return_predictions=False)
+
+
+def test_predict_checks_every_prompt_before_decoding_the_first(tmp_path, tiny_llama_dir):
+    """The third prompt is too long: predict stops before the first is decoded, naming file, line and lengths."""
+    from kangaroo_lit.errors import DataError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "once"}\n\n{"prompt": "' + "x " * 600 + '"}\n')
+    output = tmp_path / "preds.jsonl"
+    output.write_text('{"from": "an earlier run"}\n')
+    decoded = []
+    with pytest.raises(DataError) as info:
+        predict_run(tmp_path, tiny_llama_dir, prompts, output, spy=lambda module, i: decoded.append(i))
+    message = str(info.value)
+    assert message.startswith(f"{prompts}:4: prompt of ") and "max_position_embeddings 512" in message
+    assert "--model.decoding.max_new_tokens 4" in message
+    assert decoded == []
+    assert output.read_text() == '{"from": "an earlier run"}\n'  # nothing decoded, nothing overwritten
+
+
+def test_predict_writes_each_prompt_as_it_finishes(tmp_path, tiny_llama_dir):
+    """Every finished prompt is on disk before the next is decoded; a new run starts the file afresh."""
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nonce upon\na time\n")
+    output = tmp_path / "preds.jsonl"
+    output.write_text('{"from": "an earlier run"}\n')
+    on_disk = []
+    predict_run(tmp_path, tiny_llama_dir, prompts, output,
+                spy=lambda module, i: on_disk.append(output.read_text() if i else None))
+    lines = output.read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [0, 1, 2]
+    assert on_disk[1:] == ["\n".join(lines[:1]) + "\n", "\n".join(lines[:2]) + "\n"]

@@ -79,6 +79,58 @@ def test_generate_prompt_file_from_a_config_file(tiny_llama_dir, tmp_path, capsy
     config.write_text(f"base_model: {tiny_llama_dir}\nexit_layer: 1\nmax_new_tokens: 6\ndtype: float64\n")
     code = main(["generate", "--config", str(config), "--prompt_file", str(prompts), "--json"])
     assert code == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert isinstance(rows, list) and len(rows) == 2
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # one JSON object per line
+    assert len(rows) == 2 and all(isinstance(row, dict) for row in rows)
     assert all(KEYS <= set(row) and row["new_tokens"] == 6 for row in rows)
+
+
+def count_decodes(monkeypatch):
+    """Count SelfSpeculativeDecoder.generate calls (the prompts actually decoded)."""
+    from kangaroo_lit.decoding import SelfSpeculativeDecoder
+
+    calls = []
+    real = SelfSpeculativeDecoder.generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfSpeculativeDecoder, "generate", counting)
+    return calls
+
+
+def test_generate_checks_every_prompt_before_decoding_the_first(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A prompt too long for the context, third in the file, stops the run before anything is decoded."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n\nonce upon a time\n" + "x " * 600 + "\n")
+    calls = count_decodes(monkeypatch)
+    code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt_file", str(prompts),
+                 "--max_new_tokens", "8", "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and calls == [] and captured.out == ""
+    assert "Traceback" not in captured.err
+    err = [line for line in captured.err.splitlines() if line.startswith("error:")]  # after HF's progress bars
+    assert len(err) == 1 and err[0].startswith(f"error: {prompts}:4: prompt of ")  # the file's own line number
+    assert "+ --max_new_tokens 8 =" in err[0] and "max_position_embeddings 512" in err[0]
+
+
+def test_generate_json_writes_each_prompt_as_it_finishes(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """One JSON object per line, each printed (and flushed) before the next prompt is decoded."""
+    from kangaroo_lit import cli_generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n{"prompt": "once"}\n{"prompt": "upon"}\n')
+    seen_before = []
+    real = cli_generate.decode_one
+
+    def spy(*args, **kwargs):
+        seen_before.append(capsys.readouterr().out)  # what stdout held when this prompt started
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_generate, "decode_one", spy)
+    code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt_file", str(prompts),
+                 "--max_new_tokens", "4", "--json"])
+    assert code == 0
+    outputs = [*seen_before[1:], capsys.readouterr().out]
+    assert seen_before[0] == "" and all(len(out.splitlines()) == 1 for out in outputs), outputs
+    assert all(json.loads(out)["new_tokens"] == 4 for out in outputs)

@@ -12,7 +12,8 @@ from kangaroo_lit import cli_export, cli_generate
 from kangaroo_lit.architectures import DTYPES
 from kangaroo_lit.cli import main
 
-EXPORT_ARGS = ["--ckpt_path", "runs/x/checkpoints/last.ckpt", "--out_dir", "runs/x/artifact", "--base_model", "m"]
+EXPORT_ARGS = ["--ckpt_path", "runs/x/checkpoints/last.ckpt", "--out_dir", "runs/x/artifact", "--base_model", "m",
+               "--overwrite"]
 GENERATE_ARGS = [
     "--base_model", "some/model", "--exit_layer", "2", "--prompt", "null",  # YAML-looking text stays text
     "--format", "instruction", "--max_new_tokens", "9", "--temperature", "0.7", "--top_p", "0.9", "--top_k", "5",
@@ -45,7 +46,7 @@ def test_export_flags_after_a_config_win(tmp_path):
     config = tmp_path / "export.yaml"
     config.write_text("ckpt_path: a.ckpt\nout_dir: from_config\n")
     parsed = cli_export.parse(["--config", str(config), "--out_dir", "from_flag"])
-    assert parsed == {"ckpt_path": "a.ckpt", "out_dir": "from_flag", "base_model": None}
+    assert parsed == {"ckpt_path": "a.ckpt", "out_dir": "from_flag", "base_model": None, "overwrite": False}
     # arguments apply in order, as in LightningCLI: a config given after a flag overrides it
     assert cli_export.parse(["--out_dir", "from_flag", "--config", str(config)])["out_dir"] == "from_config"
 
@@ -75,6 +76,14 @@ def test_generate_flags_after_a_config_win(tmp_path):
 )
 def test_generate_switches_work_bare_or_with_a_value(argv, expected):
     assert cli_generate.parse(argv)["json"] is expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], False), (["--overwrite"], True), (["--overwrite", "false"], False), (["--no_overwrite"], False)],
+)
+def test_export_overwrite_is_a_switch(argv, expected):
+    assert cli_export.parse(["--ckpt_path", "a.ckpt", "--out_dir", "b", *argv])["overwrite"] is expected
 
 
 def test_generate_keeps_prompt_text_literally():
