@@ -61,6 +61,7 @@ class GenerateOptions:
         dtype: dtype of the whole model.
         device: torch device (cpu, cuda, cuda:N); auto = cuda when available, else cpu.
         seed: sampling seed.
+        threads: torch CPU threads; default 1 for models under 20M parameters, else every core.
         json: print one JSON object per prompt on stdout (one line each, as each finishes) instead of text
             + summary.
     """
@@ -81,6 +82,7 @@ class GenerateOptions:
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     seed: int = 0
+    threads: int | None = None
     json: bool = False
 
     def __post_init__(self) -> None:
@@ -272,9 +274,12 @@ def generate(opts: GenerateOptions) -> int:
         KangarooError: a bad option, prompt file, model or artifact (``main`` prints it as one line).
     """
     from kangaroo_lit.data.prompt_file import check_prompt_lengths
+    from kangaroo_lit.threads import choose_threads
 
     entries = prompt_entries(opts)  # a malformed prompt file fails before a model is loaded
     model, tokenizer = load_model(opts)
+    if next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(choose_threads(sum(p.numel() for p in model.parameters()), opts.threads))
     texts = prompt_texts(opts, tokenizer, entries)
     encoded = [tokenizer(text, return_tensors="pt").input_ids for text in texts]
     check_prompt_lengths([(where, ids.shape[1]) for (where, _), ids in zip(entries, encoded)], opts.max_new_tokens,

@@ -134,3 +134,21 @@ def test_generate_json_writes_each_prompt_as_it_finishes(tiny_llama_dir, tmp_pat
     outputs = [*seen_before[1:], capsys.readouterr().out]
     assert seen_before[0] == "" and all(len(out.splitlines()) == 1 for out in outputs), outputs
     assert all(json.loads(out)["new_tokens"] == 4 for out in outputs)
+
+
+def test_generate_picks_one_thread_for_a_tiny_model(tiny_llama_dir, capsys):
+    import torch
+
+    from kangaroo_lit.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = ["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "Once",
+                "--max_new_tokens", "4", "--device", "cpu"]
+        assert main(args) == 0
+        assert torch.get_num_threads() == 1  # a 0.3M-parameter model gains nothing from a second thread
+        assert main([*args, "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
