@@ -170,3 +170,15 @@ def test_forced_acceptance_accepts_every_draft_and_matches_its_formulas(cost_run
     assert f["vanilla_over_generate"] == pytest.approx(tps["vanilla"] / tps["generate"])
     assert f["realised_decode_only"] == pytest.approx(decode_tps["speculative"] / decode_tps["vanilla"])
     assert f["realised_over_predicted"] == pytest.approx(f["realised_decode_only"] / f["predicted"])
+
+
+def test_default_prompts_follow_the_drafts_training_data(tiny_tokenizer):
+    from kangaroo_lit.bench.decode import DEFAULT_TEXT_PROMPTS, default_prompt_texts
+
+    embedded = default_prompt_texts(tiny_tokenizer, {"data_path": "embedded:tiny-instruct.jsonl", "format": "dolly"})
+    assert len(embedded) == 12 and "Add 7 and 1." in embedded[0]  # the bundled held-out instructions
+    assert all("### Instruction" in p or "Instruction" in p for p in embedded)  # rendered as in training
+    dolly = default_prompt_texts(tiny_tokenizer, {"data_path": "my.jsonl", "format": "dolly"})
+    assert "What is the capital of France?" in dolly[1] and dolly[1] != "What is the capital of France?"
+    assert default_prompt_texts(tiny_tokenizer, {"data_path": "s.jsonl", "format": "text"}) == DEFAULT_TEXT_PROMPTS
+    assert default_prompt_texts(tiny_tokenizer, {}) == DEFAULT_TEXT_PROMPTS  # nothing recorded: plain text

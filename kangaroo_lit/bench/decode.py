@@ -40,12 +40,24 @@ from kangaroo_lit.bench.common import (
 )
 from kangaroo_lit.errors import ConfigError, DataError
 
-DEFAULT_PROMPTS = [
+# Default prompts follow the kind of data the draft was trained on (an artifact records it): a draft
+# trained on instructions is measured on instructions, rendered as in training; on text, on text.
+DEFAULT_TEXT_PROMPTS = [
     "Once upon a time",
     "The capital of France is",
     "Tom and Lily went to the park. They saw",
     "def fibonacci(n):",
 ]
+DEFAULT_INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "Summarize the plot of Romeo and Juliet in three sentences.",
+    "List five fruits that are red.",
+]
+# Data whose held-out rows ship beside it: measured on those instead.
+HELD_OUT = {"embedded:tiny-instruct.jsonl": "embedded:tiny-instruct-heldout.jsonl"}
 METHODS = ("speculative", "vanilla", "generate")
 SPEED_HEADER = ["exit layer", "threshold", "speculative tok/s", "vanilla tok/s", "generate tok/s",
                 "speedup vs vanilla", "speedup vs generate", "vanilla / generate", "MAT", "acceptance",
@@ -84,7 +96,9 @@ def decode(
         base_model: without ``artifact``: HF model name or directory, decoded with an untrained adapter
             at each ``exit_layer``; with ``artifact``: overrides the artifact's base model.
         exit_layer: exit layer(s) L for ``base_model``, e.g. 1 or [1,2].
-        prompts: .txt (one prompt per line) or JSONL/JSON with prompt/instruction; default four short prompts.
+        prompts: .txt (one prompt per line) or JSONL/JSON with prompt/instruction; default: prompts of the
+            kind the artifact's draft was trained on (its held-out rows for the embedded data,
+            instructions for Dolly-format data, text openings otherwise).
         stories_prompts: JSONL of {"text": ...}: the first ``prompt_tokens`` tokens of each are a prompt.
         prompt_tokens: prompt length for ``stories_prompts``.
         num_prompts: use the first N prompts (default: all; 10 for ``stories_prompts``).
@@ -104,7 +118,8 @@ def decode(
         raise ConfigError("give --prompts or --stories_prompts, not both")
     with torch_threads(threads or (1 if config["device"] == "cpu" else None)):
         models, tokenizer, base = load_models(artifact, base_model, as_list(exit_layer), dtype, config["device"])
-        prompt_ids = load_prompt_ids(tokenizer, prompts, stories_prompts, prompt_tokens, num_prompts)
+        trained_on = artifact_training_data(artifact) if artifact else {}
+        prompt_ids = load_prompt_ids(tokenizer, prompts, stories_prompts, prompt_tokens, num_prompts, trained_on)
         keys = [(layer, float(t)) for layer in models for t in as_list(thresholds)]
         records = compare(models, keys, prompt_ids, tokenizer.eos_token_id, max_new_tokens, max_draft, runs, warmup)
         report = {
@@ -152,9 +167,35 @@ def load_models(artifact: str | None, base_model: str | None, exit_layers: list[
     return models, AutoTokenizer.from_pretrained(base), base
 
 
+def artifact_training_data(artifact: str) -> dict[str, Any]:
+    """The data module settings an artifact was trained with (empty when it does not record them)."""
+    from kangaroo_lit.artifact import read_manifest
+
+    return (read_manifest(artifact).get("training") or {}).get("data") or {}
+
+
+def default_prompt_texts(tokenizer, trained_on: dict[str, Any]) -> list[str]:
+    """Prompts of the kind the draft was trained on: held-out rows when they ship with the data,
+    instructions rendered as in training for Dolly-format data, else short text openings."""
+    from kangaroo_lit.data.prompt_file import render_prompt
+
+    chat = bool(trained_on.get("use_chat_template"))
+    held_out = HELD_OUT.get(str(trained_on.get("data_path")))
+    if held_out:
+        from kangaroo_lit.data.rows import load_file_rows
+        from kangaroo_lit.embedded import resolve_path
+
+        rows = load_file_rows(resolve_path(held_out), "dolly", "error")[:12]
+        return [render_prompt({"instruction": r["instruction"], "context": r.get("context", "")}, tokenizer, chat)
+                for r in rows]
+    if trained_on.get("format", "dolly") == "dolly" and trained_on:
+        return [render_prompt({"instruction": text, "context": ""}, tokenizer, chat) for text in DEFAULT_INSTRUCTIONS]
+    return list(DEFAULT_TEXT_PROMPTS)
+
+
 def load_prompt_ids(tokenizer, prompts: str | None, stories_prompts: str | None, prompt_tokens: int,
-                    num_prompts: int | None) -> list[torch.Tensor]:
-    """The prompts as (1, T) id tensors on CPU."""
+                    num_prompts: int | None, trained_on: dict[str, Any] | None = None) -> list[torch.Tensor]:
+    """The prompts as (1, T) id tensors on CPU (default: :func:`default_prompt_texts`)."""
     if stories_prompts:
         from kangaroo_lit.data.rows import load_file_rows
 
@@ -167,7 +208,7 @@ def load_prompt_ids(tokenizer, prompts: str | None, stories_prompts: str | None,
 
         texts = [render_prompt(entry, tokenizer) for entry in load_prompts(prompts)]
     else:
-        texts = list(DEFAULT_PROMPTS)
+        texts = default_prompt_texts(tokenizer, trained_on or {})
     return [tokenizer(t, return_tensors="pt").input_ids for t in texts[: num_prompts or None]]
 
 
