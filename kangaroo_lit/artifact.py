@@ -228,12 +228,7 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{artifact_dir} is not a kangaroo_lit artifact: {MANIFEST} is missing "
                               "(`kangaroo-lit export` writes it)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = _read_json_object(path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r}, this kangaroo_lit reads "
                               f"{FORMAT_VERSION}")
@@ -312,12 +307,7 @@ def _lora_config_mismatch(artifact_dir: Path, manifest: dict) -> None:
         if not needed.is_file():
             raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'lora' sets rank {lora['rank']} but "
                                   f"{needed.relative_to(artifact_dir)} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    config = _read_json_object(config_path)
 
     def as_sorted(value: Any) -> Any:
         return sorted(value) if isinstance(value, (list, tuple, set)) else value
@@ -469,15 +459,17 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: st
                       overwrite: bool = False) -> Path:
     """Lightning checkpoint -> artifact directory (the base model is rebuilt from its name/path).
 
-    ``out_dir`` is checked first (before the model is loaded); see :func:`save_artifact` for ``overwrite``.
+    ``ckpt_path`` is a checkpoint file or a DeepSpeed checkpoint directory
+    (:func:`~kangaroo_lit.checkpointing.load_checkpoint`). ``out_dir`` is checked first (before the model
+    is loaded); see :func:`save_artifact` for ``overwrite``.
     """
     import dataclasses
 
-    from kangaroo_lit.checkpointing import load_checkpoint_file, saved_settings
+    from kangaroo_lit.checkpointing import load_checkpoint, saved_settings
     from kangaroo_lit.lit_module import KangarooLitModule
 
     check_out_dir(out_dir, overwrite, keep=(str(ckpt_path),))
-    ckpt = load_checkpoint_file(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
     settings = saved_settings(ckpt, source=str(ckpt_path))
     if base_model is not None:
         settings = dataclasses.replace(settings, base_model=base_model)
@@ -496,3 +488,14 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: st
     }
     return save_artifact(module.model, out_dir, settings.base_model, settings.dtype, training=training,
                          metrics=ckpt.get("kangaroo_metrics"), overwrite=overwrite)
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON file holding one object, or a CheckpointError naming the file (and line)."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
