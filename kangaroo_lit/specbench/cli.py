@@ -1,0 +1,151 @@
+"""``kangaroo-lit specbench``: Spec-Bench (DESIGN §4) for the self-speculative draft and its peers.
+
+    kangaroo-lit specbench --limit 1 --max_new_tokens 24                  # the embedded model, untrained exit
+    kangaroo-lit specbench --artifact runs/tiny/artifact --template instruction --limit 10 --max_new_tokens 128
+    kangaroo-lit specbench --base_model lmsys/vicuna-7b-v1.3 --exit_layer 1 --dtype float16 --runs 3 \\
+        --question_file data/spec_bench/question.jsonl --out_dir runs/specbench-vicuna
+    kangaroo-lit specbench --config specbench.yaml --subtasks '[qa,rag]'  # a later flag wins
+
+Every question of the chosen subtasks (``--limit N``: the first N of each) is decoded, in one process and
+interleaved per question, by the vanilla loop (the baseline), HF ``generate``, HF prompt lookup
+decoding, HF's ``assistant_early_exit`` and the self-speculative decoder: with the trained draft of
+``--artifact`` (``kangaroo``), or, without one, with an untrained adapter at ``--exit_layer`` on
+``--base_model`` (``early_exit``; default the embedded tiny model at exit layer 1). MT-Bench's
+questions have two turns; each method answers the second after its own first answer.
+
+Written under ``--out_dir``: ``run_<k>/<method>.jsonl`` (Spec-Bench answer files, one line per question,
+appended as each finishes: an interrupted run resumes where it stopped), ``summary.json`` (per subtask
+and overall: speedup, MAT, acceptance rate, tokens/s, the vanilla loop's tokens/s, the fraction of
+outputs identical to the vanilla loop's), ``summary.md`` (the tables) and ``summary.png`` (speedup and
+MAT per subtask; needs matplotlib).
+
+The arguments are the parameters of :func:`specbench` (jsonargparse, LightningCLI's underscore style):
+any of them may come from ``--config FILE``; ``--print_config`` prints them as YAML and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Literal
+
+from kangaroo_lit.errors import KangarooError
+
+PROG = "kangaroo-lit specbench"
+DEFAULT_QUESTIONS = "../shared/data/spec_bench_question.jsonl"
+SWITCHES = ("overwrite", "progress")
+
+
+def specbench(
+    question_file: str = DEFAULT_QUESTIONS,
+    artifact: str | None = None,
+    base_model: str | None = None,
+    exit_layer: int | None = None,
+    template: Literal["auto", "chat", "vicuna", "instruction"] = "auto",
+    subtasks: list[str] | None = None,
+    limit: int | None = None,
+    methods: list[str] | None = None,
+    max_new_tokens: int = 1024,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    threshold: float | None = None,
+    max_draft: int | None = None,
+    pld_num_tokens: int = 10,
+    pld_ngram_size: int = 3,
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
+    device: str = "auto",
+    runs: int = 1,
+    warmup: int = 1,
+    threads: int | None = None,
+    out_dir: str = "runs/specbench",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run Spec-Bench; returns the summary (also written to ``out_dir``).
+
+    Args:
+        question_file: Spec-Bench question file (JSON lines: question_id, category, turns).
+        artifact: directory written by ``kangaroo-lit export``: its trained draft is the ``kangaroo`` method.
+        base_model: HF name or local path. Without --artifact: the model, decoded with an untrained adapter at
+            --exit_layer (default embedded:tiny-llama); with --artifact: overrides the base it records.
+        exit_layer: exit layer L without --artifact (default 1; an artifact records its own).
+        template: auto (the tokenizer's chat template, else vicuna), chat, vicuna (Spec-Bench's Vicuna
+            template) or instruction (this project's training template, the embedded model's).
+        subtasks: some of mt_bench, translation, summarization, qa, math_reasoning, rag (default all).
+        limit: the first N questions of each subtask (default all 80).
+        methods: some of vanilla, generate, pld, hf_early_exit, kangaroo, early_exit (default all that apply;
+            vanilla always runs: it is the baseline).
+        max_new_tokens: most tokens per answer (Spec-Bench: 1024); prompts longer than the context minus this are
+            cut from the left and counted.
+        temperature: 0 = greedy (Spec-Bench's setting), else sampling at this temperature (outputs are then not
+            compared token by token).
+        top_p: nucleus sampling (sampling only; 1 = off).
+        top_k: top-k sampling (sampling only; 0 = off).
+        seed: sampling seed (each question and turn gets its own seed derived from it, the same for every method).
+        threshold: draft confidence threshold of the self-speculative decoder and HF's early exit (default the
+            artifact's recorded decoding setting, else 0.6).
+        max_draft: most drafts per round, likewise (default the artifact's, else 6).
+        pld_num_tokens: prompt lookup: tokens proposed per round (prompt_lookup_num_tokens; Spec-Bench: 10).
+        pld_ngram_size: prompt lookup: longest n-gram matched (max_matching_ngram_size; Spec-Bench: 3).
+        dtype: dtype of the whole model.
+        device: torch device; auto = cuda when available, else cpu.
+        runs: repeats of the whole benchmark (mean and std over runs); answers in run_1/, run_2/, ...
+        warmup: questions decoded (first turn) by every method before the measured ones, not recorded.
+        threads: torch CPU threads (default on CPU: 1, as ``bench decode``).
+        out_dir: answer files, summary.json/.md/.png; a second run with the same settings resumes there.
+        overwrite: delete the answers already in --out_dir (needed when they were made with other settings).
+        progress: show a progress bar on stderr.
+    """
+    from kangaroo_lit.specbench.runner import SpecBenchSettings, run_specbench
+
+    return run_specbench(SpecBenchSettings(
+        question_file=question_file, artifact=artifact, base_model=base_model, exit_layer=exit_layer,
+        template=template, subtasks=tuple(subtasks) if subtasks else None, limit=limit,
+        methods=tuple(methods) if methods else None, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=seed, threshold=threshold, max_draft=max_draft,
+        pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, dtype=dtype, device=device, runs=runs,
+        warmup=warmup, threads=threads, out_dir=out_dir, overwrite=overwrite, progress=progress))
+
+
+def build_parser():
+    """``--config``, ``--print_config`` and one argument per parameter of :func:`specbench`.
+
+    ``--overwrite`` and ``--progress`` are switches: alone they mean true; ``--overwrite false`` or
+    ``--no_progress`` set false (so a config file can set them).
+    """
+    from docstring_parser import parse as parse_docstring
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """jsonargparse's help, with the description's examples kept as written."""
+
+    # exact names only: no abbreviations (--max_new must not quietly mean --max_new_tokens)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
+    parser.add_function_arguments(specbench, as_group=False, as_positional=False, skip=set(SWITCHES))
+    docs = {p.arg_name: p.description for p in parse_docstring(specbench.__doc__ or "").params}
+    defaults = {"overwrite": False, "progress": True}
+    for name in SWITCHES:
+        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=defaults[name], help=docs.get(name))
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> dict[str, Any]:
+    """The parsed arguments of :func:`specbench` (``--config`` files applied, then the flags after them)."""
+    cfg = build_parser().parse_args(argv).as_dict()
+    cfg.pop("config", None)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kangaroo-lit specbench``: 0 on success, 2 with one ``error:`` line for a user's mistake."""
+    from kangaroo_lit.cli_export import report_user_error
+
+    cfg = parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        specbench(**cfg)
+    except KangarooError as err:
+        return report_user_error(err)
+    return 0
