@@ -134,7 +134,11 @@ def test_unshuffled_sorted_order_and_validation():
         LengthGroupedBatchSampler(lengths, 2, num_replicas=2, rank=2)
 
 
-def test_epoch_handle_forwards_set_epoch():
-    sampler = LengthGroupedBatchSampler(varied_lengths(50), 4)
-    sampler.sampler.set_epoch(7)  # what Lightning calls each epoch
-    assert sampler.epoch == 7
+def test_epoch_comes_from_epoch_fn_at_each_iteration():
+    """The data module passes the trainer's epoch: each iteration reads it, no set_epoch needed."""
+    current = {"epoch": 3}
+    sampler = LengthGroupedBatchSampler(varied_lengths(50), 4, epoch_fn=lambda: current["epoch"])
+    reference = LengthGroupedBatchSampler(varied_lengths(50), 4)
+    assert list(sampler) == reference.batches_for_epoch(3) and sampler.epoch == 3
+    current["epoch"] = 4
+    assert list(sampler) == reference.batches_for_epoch(4) != reference.batches_for_epoch(3)
