@@ -7,6 +7,8 @@ Layout of an artifact directory::
     lora/                           PEFT ``save_pretrained`` (only when LoRA is on)
     kangaroo_adapter.safetensors    the adapter's weights
     exit_head.safetensors           only when the exit head is trainable
+    draft_vocab.safetensors         only with a restricted draft head (``draft.vocab_size`` K): the K
+                                    token ids (int64 ``draft_vocab``) its rows score
     README.md                       a model card
 
 The base weights are referenced (Hub name or local path), never copied.
@@ -27,13 +29,14 @@ from safetensors.torch import load_file, save_file
 from kangaroo_lit.architectures import load_base_model, looks_like_local_path, resolve_dtype
 from kangaroo_lit.embedded import PREFIX, resolve_path
 from kangaroo_lit.errors import CheckpointError, ConfigError, KangarooError, ModelSourceError
-from kangaroo_lit.model import KangarooModel, LoraSettings
+from kangaroo_lit.model import KangarooModel, LoraSettings, check_draft_vocab
 from kangaroo_lit.run_info import git_revision, package_versions
 
 FORMAT_VERSION = 1
 MANIFEST = "kangaroo.json"
 ADAPTER_FILE = "kangaroo_adapter.safetensors"
 HEAD_FILE = "exit_head.safetensors"
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 LORA_DIR = "lora"
 
 
@@ -76,6 +79,7 @@ def manifest_for(model: KangarooModel, base_model: str, dtype: str, training: di
             "parameters": sum(p.numel() for p in model.adapter.parameters()),
         },
         "exit_head": model.exit_head_mode,
+        "draft_vocab_size": model.draft_vocab_size,
         "training": training or {},
         "metrics": metrics or {},
         "versions": package_versions(),
@@ -157,6 +161,8 @@ def save_artifact(model: KangarooModel, out_dir: str | Path, base_model: str, dt
         save_file(_cpu_contiguous(model.adapter.state_dict()), str(tmp / ADAPTER_FILE))
         if model.exit_proj is not None:
             save_file(_cpu_contiguous(model.exit_proj.state_dict()), str(tmp / HEAD_FILE))
+        if model.draft_vocab is not None:
+            save_file(_cpu_contiguous({"draft_vocab": model.draft_vocab.to(torch.int64)}), str(tmp / DRAFT_VOCAB_FILE))
         if model.has_lora:
             model.base.save_pretrained(str(tmp / LORA_DIR))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -184,7 +190,9 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         "A self-speculative draft made with kangaroo_lit: the base model's shallow layers "
         f"0..{manifest['exit_layer']} + a Kangaroo adapter ({manifest['adapter']['parameters']:,} parameters) "
-        f"+ the {'trainable' if manifest['exit_head'] == 'trainable' else 'shared'} exit head. {lora_line}.",
+        f"+ the {'trainable' if manifest['exit_head'] == 'trainable' else 'shared'} exit head"
+        + (f" over the {manifest['draft_vocab_size']} most frequent training tokens" if manifest.get("draft_vocab_size")
+           else "") + f". {lora_line}.",
         f"The verifier is {scope_note}.",
         "",
         f"* Base model: `{manifest['base_model']}` ({manifest['model_type']}, {manifest['num_layers']} layers); "
@@ -247,6 +255,10 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     exit_head = _check_field(manifest, artifact_dir, "exit_head", (str,), "'shared' or 'trainable'")
     if exit_head not in ("shared", "trainable"):
         raise _field_error(artifact_dir, "exit_head", f"must be 'shared' or 'trainable', got {exit_head!r}")
+    if manifest.get("draft_vocab_size") is not None:  # absent or null: a full-vocabulary head
+        k = _check_field(manifest, artifact_dir, "draft_vocab_size", (int,), "an int >= 1 or null")
+        if k < 1:
+            raise _field_error(artifact_dir, "draft_vocab_size", f"must be >= 1 or null, got {k}")
     adapter = _check_field(manifest, artifact_dir, "adapter", (dict,), "an object")
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
         _check_field(adapter, artifact_dir, key, (int,), "an int", prefix="adapter.")
@@ -286,6 +298,9 @@ def _check_training_record(manifest: dict, artifact_dir: Path) -> None:
     if isinstance(model.get("draft"), dict) and "exit_head" in model["draft"]:
         trained_head = model["draft"]["exit_head"]
         checks.append(("exit_head", manifest["exit_head"], "training.model.draft.exit_head", trained_head))
+    if isinstance(model.get("draft"), dict) and "vocab_size" in model["draft"]:
+        checks.append(("draft_vocab_size", manifest.get("draft_vocab_size"), "training.model.draft.vocab_size",
+                       model["draft"]["vocab_size"]))
     for field, value, trained_field, trained in checks:
         if value != trained:
             shown = "0 (lora: null)" if field == "lora.rank" and not manifest["lora"] else repr(value)
@@ -420,6 +435,7 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
     if not trainable and (artifact_dir / HEAD_FILE).exists():
         raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'exit_head' is 'shared' but the artifact "
                               f"has a trained head in {HEAD_FILE}")
+    draft_vocab = _read_draft_vocab(artifact_dir, manifest.get("draft_vocab_size"))
     torch_dtype = resolve_dtype(dtype or manifest["dtype"])
     base_name = _base_model_source(artifact_dir, manifest, base_model)
     base = load_base_model(base_name, torch_dtype)
@@ -429,8 +445,12 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
         m = manifest["lora"]
         lora = LoraSettings(rank=m["rank"], alpha=m["alpha"], dropout=m.get("dropout", 0.0),
                             target_modules=list(m["target_modules"]), scope=m["scope"])
+    if draft_vocab is not None and int(draft_vocab.max()) >= base.get_output_embeddings().out_features:
+        raise CheckpointError(f"artifact {artifact_dir}: {DRAFT_VOCAB_FILE} holds token id {int(draft_vocab.max())}, "
+                              f"outside the vocabulary of the base model {base_name} "
+                              f"({base.get_output_embeddings().out_features} tokens)")
     model = KangarooModel(base, manifest["exit_layer"], lora=lora, exit_head=manifest["exit_head"],
-                          trainable_dtype=torch_dtype)
+                          trainable_dtype=torch_dtype, draft_vocab=draft_vocab)
     _check_tensors(artifact_dir, ADAPTER_FILE, {k: v.shape for k, v in model.adapter.state_dict().items()})
     if model.exit_proj is not None:
         _check_tensors(artifact_dir, HEAD_FILE, {k: v.shape for k, v in model.exit_proj.state_dict().items()})
@@ -453,6 +473,24 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
     model.to(device or "cpu")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _read_draft_vocab(artifact_dir: Path, k: int | None) -> torch.Tensor | None:
+    """The K token ids of a restricted draft head (checked), or None for a full-vocabulary head."""
+    path = artifact_dir / DRAFT_VOCAB_FILE
+    if k is None:
+        if path.exists():
+            raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'draft_vocab_size' is null (a "
+                                  f"full-vocabulary head) but the artifact has draft token ids in {DRAFT_VOCAB_FILE}")
+        return None
+    _check_tensors(artifact_dir, DRAFT_VOCAB_FILE, {"draft_vocab": torch.Size([k])})
+    ids = load_file(str(path))["draft_vocab"]
+    if ids.dtype != torch.int64:
+        raise CheckpointError(f"artifact {artifact_dir}: {DRAFT_VOCAB_FILE} holds {ids.dtype} ids, expected int64")
+    try:
+        return check_draft_vocab(ids, vocab_size=2**62)  # the base's vocabulary is checked once it is loaded
+    except ValueError as err:
+        raise CheckpointError(f"artifact {artifact_dir}: {DRAFT_VOCAB_FILE}: {err}") from None
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base_model: str | None = None,

@@ -26,7 +26,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from kangaroo_lit.errors import CheckpointError
+from kangaroo_lit.errors import CheckpointError, ConfigError
 from kangaroo_lit.settings import KangarooSettings, ResumePolicy, flatten, resume_policy, structure_of
 
 PARTIAL_SUFFIX = ".partial"
@@ -89,12 +89,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         replace_atomically(partial, path)
 
 
+ZERO3_REFUSAL = (
+    "DeepSpeed ZeRO stage 3 is not supported: the frozen base is loaded with from_pretrained inside "
+    "configure_model, which Lightning runs under deepspeed.zero.Init at stage 3, so the parameters are "
+    "partitioned before the weights arrive (an open Lightning issue) and the base may train from "
+    "uninitialised weights; the Kangaroo adapter and a trainable exit head are also initialised by copying "
+    "base weights, which are then empty placeholders; and decoding checks would need every rank in every "
+    "forward. Use ZeRO-2 instead (--config configs/deepspeed-zero2.yaml): the base is frozen, so it has no "
+    "gradients or optimizer state for stage 3 to shard, and ZeRO-2 already shards those of the trainable "
+    "parts; for a base too large for one GPU in bfloat16, ZeRO-3 is not available in this project yet"
+)
+
+
 class KangarooDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` whose checkpoint directories are replaced atomically.
 
     Every rank writes its shards into ``<path>.partial``; once all are done, rank 0 swaps the
     directory into place (:func:`replace_atomically`).
+
+    ZeRO stage 3 is refused (:data:`ZERO3_REFUSAL` says why and what to use instead), whether asked for
+    with ``stage: 3`` or in a DeepSpeed ``config``, in the first step of ``fit``/``validate``/``test``/
+    ``predict`` (``setup_environment``): before the CUDA check, the process group, the data and the
+    model. Not in the constructor: LightningCLI builds the strategy inside jsonargparse, which turns any
+    error there into a page about type unions instead of this one-line message.
     """
+
+    def setup_environment(self) -> None:
+        if self.zero_stage_3:
+            raise ConfigError(ZERO3_REFUSAL)
+        super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
         partial = str(filepath) + PARTIAL_SUFFIX
@@ -224,6 +247,63 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a checkpoint of this project (holds a {type(checkpoint).__name__})")
     return checkpoint
+
+
+# What DeepSpeed's engine adds to a checkpoint besides Lightning's own ``client_state`` (deepspeed 0.19
+# ``DeepSpeedEngine._common_checkpoint_state``); the rest of the file is what Lightning saved.
+DEEPSPEED_ENGINE_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps", "global_steps",
+    "global_samples", "dp_world_size", "mp_world_size", "checkpoint_parallel_dimensions", "universal_checkpoint_info",
+    "ds_config", "ds_version",
+})
+
+
+def load_deepspeed_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint directory written by :class:`KangarooDeepSpeedStrategy` (ZeRO-2), as a Lightning checkpoint dict.
+
+    Lightning saves through ``DeepSpeedEngine.save_checkpoint(path, client_state=..., tag="checkpoint")``:
+    ``<path>/checkpoint/mp_rank_00_model_states.pt`` holds the module's state dict under ``module``
+    (with ``exclude_frozen_parameters`` only the trainable tensors, in the engine's dtype: bfloat16 under
+    ``bf16-mixed``; the fp32 master copies stay sharded in the ``*_optim_states.pt`` files) and Lightning's
+    own entries (``kangaroo_settings``, ``global_step``, loops, callbacks, ...) beside DeepSpeed's. It is
+    read with ``weights_only=True``. The result has Lightning's layout: the client state plus
+    ``state_dict`` = the trainable tensors (the names DeepSpeed's optimizer owns, ``param_shapes``,
+    when recorded; else every non-buffer tensor of ``module``).
+
+    Raises:
+        CheckpointError: a directory that is not such a checkpoint (naming what is missing), or a ZeRO-3
+            one (its weights are sharded across per-rank files).
+    """
+    path = Path(path)
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
+    states = path / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        if list((path / tag).glob("zero_pp_rank_*_model_states.pt")):
+            raise CheckpointError(f"{path}: a DeepSpeed ZeRO-3 checkpoint (weights sharded across ranks); "
+                                  "this project trains and reads ZeRO-2 checkpoints only")
+        raise CheckpointError(f"{path}: a directory, but not a DeepSpeed checkpoint of this project "
+                              f"(no {tag}/mp_rank_00_model_states.pt)")
+    state = load_checkpoint_file(states)
+    module = state.get("module")
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{states}: no module state dict in this DeepSpeed checkpoint")
+    owned = [name for group in state.get("param_shapes") or () for name in group]
+    buffers = set(state.get("buffer_names") or ())
+    keep = set(owned) if owned else {k for k in module if k not in buffers}
+    keep |= {k for k in module if k.endswith(".draft_vocab")}  # a restricted draft head's token ids (a buffer)
+    checkpoint = {k: v for k, v in state.items() if k not in DEEPSPEED_ENGINE_KEYS}
+    checkpoint["state_dict"] = {k: v for k, v in module.items() if k in keep and torch.is_tensor(v)}
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint of this project from a file (:func:`load_checkpoint_file`) or a DeepSpeed directory
+    (:func:`load_deepspeed_checkpoint`)."""
+    if "://" not in str(path) and Path(path).is_dir():
+        return load_deepspeed_checkpoint(path)
+    return load_checkpoint_file(path)
 
 
 def saved_settings(checkpoint: dict[str, Any], source: str = "the checkpoint") -> KangarooSettings:

@@ -33,7 +33,7 @@ def export(ckpt_path: str, out_dir: str, base_model: str | None = None, overwrit
     """Write the artifact of a Lightning checkpoint; 0 on success.
 
     Args:
-        ckpt_path: Lightning checkpoint to export (e.g. runs/x/checkpoints/last.ckpt).
+        ckpt_path: Lightning checkpoint to export, a file or a DeepSpeed directory (e.g. runs/x/checkpoints/last.ckpt).
         out_dir: artifact directory to write (refused when it exists and is not empty, unless --overwrite).
         base_model: base model HF name or local path; default the one recorded in the checkpoint.
         overwrite: replace an existing non-empty --out_dir (the old one is deleted once the new one is in place).

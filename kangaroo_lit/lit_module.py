@@ -20,8 +20,9 @@ from torchmetrics import MeanMetric
 from kangaroo_lit.architectures import load_base_model, resolve_dtype
 from kangaroo_lit.checkpointing import SETTINGS_KEY, check_checkpoint_fits
 from kangaroo_lit.embedded import TINY_MODEL, resolve_path
-from kangaroo_lit.losses import IGNORE_INDEX, sgp_loss
-from kangaroo_lit.model import KangarooModel
+from kangaroo_lit.errors import ConfigError
+from kangaroo_lit.losses import draft_cross_entropy, draft_targets, sgp_loss
+from kangaroo_lit.model import KangarooModel, select_draft_vocab
 from kangaroo_lit.optim import build_optimizer, build_scheduler
 from kangaroo_lit.rng import RngStateCallback
 from kangaroo_lit.settings import (
@@ -85,6 +86,7 @@ class KangarooLitModule(L.LightningModule):
         )
         resolve_dtype(dtype)  # fail at construction on a bad dtype name, not after loading
         self.model: KangarooModel | None = None
+        self._draft_vocab_placeholder = False  # draft.vocab_size ids not chosen yet (a checkpoint brings them)
         self._all_finite: torch.Tensor | None = None
         self._last_terms: tuple | None = None
         # Frozen base weights are not in checkpoints; loading must not demand them.
@@ -113,12 +115,34 @@ class KangarooLitModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the frozen base and build LoRA, adapter and exit head (once; Lightning may call again)."""
+        """Load the frozen base and build LoRA, adapter and exit head (once; Lightning may call again).
+
+        With ``draft.vocab_size`` K the head scores K token ids: when fitting, the K most frequent targets
+        of the training data (``trainer.datamodule.target_token_counts``, EOS always included; a resumed
+        fit then takes the checkpoint's ids); elsewhere (export, load, predict) placeholder ids of the
+        right shape, which the checkpoint's ``model.draft_vocab`` replaces.
+        """
         if self.model is not None:
+            if self._draft_vocab_placeholder:
+                ids = self._draft_vocab_from_data(self.model.causal_lm)
+                if ids is not None:  # built before a trainer was attached (e.g. by hand): now the data is known
+                    self.model.set_draft_vocab(ids)
+                    self._draft_vocab_placeholder = False
             return
         s = self.settings
         base = load_base_model(resolve_path(s.base_model), s.dtype, s.attn_implementation)
-        self.model = KangarooModel(base, s.exit_layer, lora=s.lora, exit_head=s.draft.exit_head)
+        draft_vocab = None
+        if s.draft.vocab_size is not None:
+            vocab = base.get_output_embeddings().out_features
+            if s.draft.vocab_size > vocab:
+                raise ConfigError(f"draft.vocab_size {s.draft.vocab_size} exceeds the vocabulary of {s.base_model} "
+                                  f"({vocab}); use at most {vocab}, or null for the full vocabulary")
+            draft_vocab = self._draft_vocab_from_data(base)
+            self._draft_vocab_placeholder = draft_vocab is None
+            if draft_vocab is None:
+                draft_vocab = torch.arange(s.draft.vocab_size)
+        self.model = KangarooModel(base, s.exit_layer, lora=s.lora, exit_head=s.draft.exit_head,
+                                   draft_vocab=draft_vocab)
         if s.loss.beta_exit == 0:
             # Plain LoRA fine-tuning: the draft path is never trained, so keep it out of the
             # optimizer and the checkpoint.
@@ -126,13 +150,50 @@ class KangarooLitModule(L.LightningModule):
             if self.model.exit_proj is not None:
                 self.model.exit_proj.requires_grad_(False)
 
+    def _draft_vocab_from_data(self, base) -> torch.Tensor | None:
+        """The K ids from the attached data module's token counts; None outside ``fit`` without them.
+
+        Raises:
+            ConfigError: fitting with ``draft.vocab_size`` but no token counts to choose the ids by.
+        """
+        k = self.settings.draft.vocab_size
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        counts = getattr(datamodule, "target_token_counts", None)
+        if counts is None:
+            if trainer is not None and trainer.state.fn == "fit":
+                raise ConfigError(
+                    f"draft.vocab_size={k} needs the training data's token counts to choose the draft vocabulary, "
+                    "and this fit has none: train with kangaroo_lit's InstructionDataModule (it counts the train "
+                    "split's target tokens in setup()) or a data module with a `target_token_counts` (V,) tensor; "
+                    "or set draft.vocab_size: null for the full vocabulary"
+                )
+            return None
+        eos = set()
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        for source in (getattr(tokenizer, "eos_token_id", None), getattr(base.generation_config, "eos_token_id", None),
+                       getattr(base.config, "eos_token_id", None)):
+            eos.update(source if isinstance(source, (list, tuple)) else [source] if source is not None else [])
+        vocab = base.get_output_embeddings().out_features
+        try:
+            return select_draft_vocab(counts, k, vocab, always=sorted(eos))
+        except ValueError as err:
+            raise ConfigError(f"draft.vocab_size={k}: {err}") from None
+
     def configure_callbacks(self) -> list[L.Callback]:
-        """The RNG state travels with every checkpoint of this module, whoever builds the Trainer."""
-        return [RngStateCallback()]
+        """The RNG state travels with every checkpoint of this module, whoever builds the Trainer; validation and
+        test report the verifier's drift from the original model (``val/ppl_original``, ``val/drift_agree``)."""
+        from kangaroo_lit.callbacks import DriftReportCallback
+
+        return [RngStateCallback(), DriftReportCallback()]
 
     def trainable_state_keys(self) -> dict[str, torch.Size]:
-        """Checkpoint keys (``model.``-prefixed) and shapes of the trainable tensors."""
-        return {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
+        """Checkpoint keys (``model.``-prefixed) and shapes of the trainable tensors, and of the token ids of a
+        restricted draft head (``model.draft_vocab``: what the trained head's rows mean)."""
+        keys = {f"model.{n}": p.shape for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.model.draft_vocab is not None:
+            keys["model.draft_vocab"] = self.model.draft_vocab.shape
+        return keys
 
     # ----------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor]):
@@ -149,6 +210,7 @@ class KangarooLitModule(L.LightningModule):
             beta_exit=self.settings.loss.beta_exit,
             exit_loss=self.settings.loss.exit_loss,
             kd_weight=self.settings.loss.kd_weight,
+            draft_vocab=out.draft_vocab,
         ), out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -191,9 +253,9 @@ class KangarooLitModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         # Token-weighted means, so perplexity does not depend on how rows fall into batches.
         metrics["ce_main"].update(terms.loss_main, n)
-        draft_ce = torch.nn.functional.cross_entropy(
-            out.exit_logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        # With a restricted draft head: over the labels inside its vocabulary (as its ce loss).
+        targets = draft_targets(labels[:, 1:].flatten(), out.draft_vocab, out.main_logits.shape[-1])
+        draft_ce = draft_cross_entropy(out.exit_logits[:, :-1].float().flatten(0, 1), targets)
         metrics["ce_draft"].update(draft_ce, n)
         metrics["loss_exit"].update(terms.loss_exit, n)
         metrics["expected_accept"].update(terms.expected_accept, n)

@@ -2,6 +2,12 @@
 
 Position ``t`` predicts token ``t + 1``. A position counts when its next-token label is not -100
 (prompt and padding labels are -100, chosen by the attention mask in the data collator).
+
+A restricted draft head (``draft.vocab_size`` K) scores only the token ids ``draft_vocab`` (set S): its
+logits are (..., K) and ``q`` is zero outside S. Then ``kd = -sum_{v in S} p_full(v) log q(v)`` (mass of
+``p_full`` outside S cannot be matched), ``ce`` is taken over the labels inside S only,
+``expected_accept = sum_{v in S} min(p_full(v), q(v))`` and ``top1_agree`` counts positions whose full
+argmax is in S and equals the draft's token.
 """
 
 from __future__ import annotations
@@ -39,17 +45,46 @@ def next_token_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return logits[:, :-1][valid].float(), targets[valid]
 
 
-def kd_loss(exit_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum_v p_full(v) log q_draft(v)`` with ``p_full`` detached; (N, V) inputs."""
-    p_full = F.softmax(main_logits.detach(), dim=-1)
+def _restrict(p_full: torch.Tensor, draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    return p_full if draft_vocab is None else p_full.index_select(-1, draft_vocab.to(p_full.device))
+
+
+def kd_loss(
+    exit_logits: torch.Tensor, main_logits: torch.Tensor, draft_vocab: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over rows of ``-sum_v p_full(v) log q_draft(v)`` with ``p_full`` detached; (N, V) inputs
+    ((N, K) draft logits over the ids ``draft_vocab``: the sum runs over them)."""
+    p_full = _restrict(F.softmax(main_logits.detach(), dim=-1), draft_vocab)
     return -(p_full * F.log_softmax(exit_logits, dim=-1)).sum(-1).mean()
 
 
-def expected_acceptance(exit_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
+def expected_acceptance(
+    exit_logits: torch.Tensor, main_logits: torch.Tensor, draft_vocab: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over rows of ``sum_v min(p_full, q_draft)``: the probability a sampled draft is accepted."""
-    p = F.softmax(main_logits.detach(), dim=-1)
+    p = _restrict(F.softmax(main_logits.detach(), dim=-1), draft_vocab)
     q = F.softmax(exit_logits.detach(), dim=-1)
     return torch.minimum(p, q).sum(-1).mean()
+
+
+def draft_targets(targets: torch.Tensor, draft_vocab: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Token-id targets -> indices into the draft head's outputs; -100 where a target is outside the set."""
+    if draft_vocab is None:
+        return targets
+    index_of = torch.full((vocab_size,), IGNORE_INDEX, dtype=torch.long, device=targets.device)
+    index_of[draft_vocab.to(targets.device)] = torch.arange(draft_vocab.numel(), device=targets.device)
+    out = targets.clone()
+    valid = targets != IGNORE_INDEX
+    out[valid] = index_of[targets[valid]]
+    return out
+
+
+def draft_cross_entropy(draft: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not -100; 0 (with a graph) when there are none
+    (a batch whose every label lies outside a restricted draft vocabulary)."""
+    if bool((targets != IGNORE_INDEX).any()):
+        return F.cross_entropy(draft, targets, ignore_index=IGNORE_INDEX)
+    return draft.sum() * 0.0
 
 
 def sgp_loss(
@@ -59,16 +94,18 @@ def sgp_loss(
     beta_exit: float = 0.7,
     exit_loss: ExitLoss = "ce",
     kd_weight: float = 0.5,
+    draft_vocab: torch.Tensor | None = None,
 ) -> LossTerms:
     """``loss = loss_main + beta_exit * loss_exit``.
 
     Args:
         main_logits: (B, T, V) full-path logits.
-        exit_logits: (B, T, V) draft-path logits, or None when no draft path was run (then
-            ``loss = loss_main`` and the draft metrics are NaN).
+        exit_logits: (B, T, V) draft-path logits ((B, T, K) with a restricted head), or None when no
+            draft path was run (then ``loss = loss_main`` and the draft metrics are NaN).
         labels: (B, T) token ids, -100 where no loss is taken (unshifted).
         exit_loss: ``ce`` (cross-entropy on the labels), ``kd`` (distillation to the full path) or
             ``mix`` (``kd_weight * kd + (1 - kd_weight) * ce``).
+        draft_vocab: (K,) token ids of a restricted draft head (module docstring), or None.
     """
     main, targets = next_token_targets(main_logits, labels)
     if targets.numel() == 0:
@@ -79,17 +116,25 @@ def sgp_loss(
         return LossTerms(loss=loss_main, loss_main=loss_main, loss_exit=nan, expected_accept=nan,
                          top1_agree=nan, num_tokens=torch.tensor(targets.numel(), device=targets.device))
     draft, _ = next_token_targets(exit_logits, labels)
-    if exit_loss == "ce":
-        loss_exit = F.cross_entropy(draft, targets)
-    elif exit_loss == "kd":
-        loss_exit = kd_loss(draft, main)
-    elif exit_loss == "mix":
-        loss_exit = kd_weight * kd_loss(draft, main) + (1.0 - kd_weight) * F.cross_entropy(draft, targets)
-    else:
+    if exit_loss not in ("ce", "kd", "mix"):
         raise ValueError(f"exit_loss must be one of ce, kd, mix; got {exit_loss!r}")
+    if exit_loss != "kd":
+        if draft_vocab is None:
+            ce_exit = F.cross_entropy(draft, targets)
+        else:
+            ce_exit = draft_cross_entropy(draft, draft_targets(targets, draft_vocab, main.shape[-1]))
+    if exit_loss == "ce":
+        loss_exit = ce_exit
+    elif exit_loss == "kd":
+        loss_exit = kd_loss(draft, main, draft_vocab)
+    else:
+        loss_exit = kd_weight * kd_loss(draft, main, draft_vocab) + (1.0 - kd_weight) * ce_exit
     with torch.no_grad():
-        accept = expected_acceptance(draft, main)
-        agree = (draft.argmax(-1) == main.argmax(-1)).float().mean()
+        accept = expected_acceptance(draft, main, draft_vocab)
+        drafted = draft.argmax(-1)
+        if draft_vocab is not None:
+            drafted = draft_vocab.to(drafted.device)[drafted]
+        agree = (drafted == main.argmax(-1)).float().mean()
     return LossTerms(
         loss=loss_main + beta_exit * loss_exit,
         loss_main=loss_main,

@@ -68,10 +68,64 @@ class LoraSettings:
 
 @dataclass
 class TwoPathOutput:
-    """Logits of both paths over the same positions: each (B, T, V)."""
+    """Logits of both paths over the same positions: (B, T, V) ``main_logits``; ``exit_logits`` (B, T, V),
+    or (B, T, K) over the token ids ``draft_vocab`` with a restricted draft head (``draft.vocab_size``)."""
 
     main_logits: torch.Tensor
     exit_logits: torch.Tensor | None
+    draft_vocab: torch.Tensor | None = None
+
+
+def select_draft_vocab(
+    counts: torch.Tensor, k: int, vocab_size: int, always: tuple[int, ...] | list[int] = ()
+) -> torch.Tensor:
+    """The K token ids a restricted draft head scores: the most frequent ones, ``always`` among them.
+
+    Args:
+        counts: (V',) how often each token id is a training target (shorter is padded with zeros; longer
+            only when the extra ids never occur).
+        k: K, how many ids to keep (1 <= K <= ``vocab_size``).
+        vocab_size: V, the model's vocabulary (rows of ``lm_head``).
+        always: ids kept whatever their count (EOS: a draft must be able to stop).
+
+    Returns:
+        (K,) int64 ids in increasing order. Ties in count go to the smaller id.
+    """
+    counts = torch.as_tensor(counts).flatten().to(torch.int64).cpu()
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"draft vocabulary size must be in 1..{vocab_size} (the model's vocabulary), got {k}")
+    if counts.numel() > vocab_size:
+        if bool(counts[vocab_size:].any()):
+            raise ValueError(f"token counts name ids >= {vocab_size}, outside the model's vocabulary")
+        counts = counts[:vocab_size]
+    elif counts.numel() < vocab_size:
+        counts = torch.cat([counts, counts.new_zeros(vocab_size - counts.numel())])
+    keep = sorted({int(a) for a in always if a is not None and 0 <= int(a) < vocab_size})
+    if len(keep) > k:
+        raise ValueError(f"draft vocabulary size {k} is smaller than the {len(keep)} ids it must hold ({keep})")
+    order = torch.sort(counts, descending=True, stable=True).indices  # stable: ties by increasing id
+    if keep:
+        order = order[~torch.isin(order, torch.tensor(keep))]
+    chosen = torch.cat([torch.tensor(keep, dtype=torch.int64), order[: k - len(keep)]])
+    return torch.sort(chosen).values
+
+
+def check_draft_vocab(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(K,) distinct int64 ids in ``0..vocab_size-1``, or a ValueError saying what is wrong."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"draft_vocab must be a non-empty 1-D tensor of token ids, got {ids.dtype} {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"draft_vocab ids must be in 0..{vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+    if torch.unique(ids).numel() != ids.numel():
+        raise ValueError("draft_vocab holds repeated ids")
+    return ids
+
+
+def _rebuild_exit_slice_after_load(module: KangarooModel, incompatible_keys) -> None:
+    # A load_state_dict may have replaced the draft vocabulary's ids: re-slice the frozen head to them.
+    module._rebuild_exit_slice()
 
 
 def causal_attention_mask(
@@ -124,6 +178,10 @@ class KangarooModel(nn.Module):
         exit_head: ``"shared"`` reuses the frozen ``lm_head``; ``"trainable"`` is a copy of it that trains.
         trainable_dtype: dtype of the trainable parts (fp32 keeps optimizer updates exact when the
             frozen base is bf16; their inputs are cast on the way in).
+        draft_vocab: (K,) token ids the exit head scores (a restricted draft head), or None for all V.
+            Kept as the persistent buffer ``draft_vocab`` (in state dicts and checkpoints). The shared head
+            is then a frozen K x d slice of ``lm_head`` (buffer ``exit_weight``, not saved: re-sliced
+            whenever the ids change or are loaded); the trainable head is a K-row ``exit_proj``.
     """
 
     def __init__(
@@ -133,6 +191,7 @@ class KangarooModel(nn.Module):
         lora: LoraSettings | None = None,
         exit_head: ExitHeadMode = "shared",
         trainable_dtype: torch.dtype = torch.float32,
+        draft_vocab: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         check_architecture(base.config)
@@ -165,15 +224,19 @@ class KangarooModel(nn.Module):
         self.adapter.to(dtype=trainable_dtype, device=base.model.norm.weight.device)
         self.adapter.requires_grad_(True)
 
+        lm_head = base.get_output_embeddings()
+        ids = None if draft_vocab is None else check_draft_vocab(draft_vocab, lm_head.out_features)
+        self.register_buffer("draft_vocab", None if ids is None else ids.to(lm_head.weight.device), persistent=True)
+        self.register_buffer("exit_weight", None, persistent=False)
+        self.register_buffer("exit_bias", None, persistent=False)
         self.exit_proj: nn.Linear | None = None
         if exit_head == "trainable":
-            lm_head = base.get_output_embeddings()
-            self.exit_proj = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
-            with torch.no_grad():
-                self.exit_proj.weight.copy_(lm_head.weight)
-                if lm_head.bias is not None:
-                    self.exit_proj.bias.copy_(lm_head.bias)
+            rows = lm_head.out_features if ids is None else ids.numel()
+            self.exit_proj = nn.Linear(lm_head.in_features, rows, bias=lm_head.bias is not None)
+            self._init_exit_proj(lm_head)
             self.exit_proj.to(dtype=trainable_dtype, device=lm_head.weight.device)
+        self._rebuild_exit_slice(lm_head)
+        self.register_load_state_dict_post_hook(_rebuild_exit_slice_after_load)
 
         if self.lora_settings is not None:
             from peft import LoraConfig, get_peft_model
@@ -232,13 +295,87 @@ class KangarooModel(nn.Module):
         """True when draft and full paths share the shallow pass (no LoRA, or ``lora_scope="shared"``)."""
         return not self.has_lora or self.lora_scope == "shared"
 
+    @property
+    def vocab_size(self) -> int:
+        """V, the rows of ``lm_head`` (what the full path scores)."""
+        return self.causal_lm.lm_head.out_features
+
+    @property
+    def draft_vocab_size(self) -> int | None:
+        """K of a restricted draft head, None when the exit head scores the full vocabulary."""
+        return None if self.draft_vocab is None else self.draft_vocab.numel()
+
+    def set_draft_vocab(self, ids: torch.Tensor, init_head: bool = True) -> None:
+        """Replace the K ids of a restricted head (same K); re-slice the shared head, and with
+        ``init_head`` re-initialise a trainable head from the matching ``lm_head`` rows."""
+        if self.draft_vocab is None:
+            raise ValueError("this model's exit head scores the full vocabulary (built without draft_vocab)")
+        ids = check_draft_vocab(ids, self.vocab_size)
+        if ids.shape != self.draft_vocab.shape:
+            raise ValueError(f"draft_vocab has {ids.numel()} ids, this model's head {self.draft_vocab.numel()}")
+        with torch.no_grad():
+            self.draft_vocab.copy_(ids)
+        if init_head and self.exit_proj is not None:
+            self._init_exit_proj(self.causal_lm.lm_head)
+        self._rebuild_exit_slice()
+
+    def _init_exit_proj(self, lm_head: nn.Module) -> None:
+        """The trainable head starts as ``lm_head`` (its rows of the draft vocabulary, if restricted)."""
+        with torch.no_grad():
+            weight, bias = lm_head.weight, lm_head.bias
+            if self.draft_vocab is not None:
+                ids = self.draft_vocab.to(weight.device)
+                weight, bias = weight[ids], None if bias is None else bias[ids]
+            self.exit_proj.weight.copy_(weight)
+            if bias is not None:
+                self.exit_proj.bias.copy_(bias)
+
+    def _rebuild_exit_slice(self, lm_head: nn.Module | None = None) -> None:
+        """``exit_weight`` / ``exit_bias`` = the ``lm_head`` rows of ``draft_vocab`` (shared restricted head only).
+
+        A buffer, so a decoding step does not re-slice ``lm_head``; never saved (the ids are, and the
+        frozen base is not), so it is rebuilt here after every change or load of the ids.
+        """
+        if self.draft_vocab is None or self.exit_proj is not None:
+            self.exit_weight, self.exit_bias = None, None
+            return
+        lm_head = lm_head if lm_head is not None else self.causal_lm.lm_head
+        with torch.no_grad():
+            ids = self.draft_vocab.to(lm_head.weight.device)
+            self.exit_weight = lm_head.weight[ids].detach().clone()
+            self.exit_bias = None if lm_head.bias is None else lm_head.bias[ids].detach().clone()
+
+    def draft_token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Indices into the draft head's outputs -> token ids (the identity without a restricted head)."""
+        return index if self.draft_vocab is None else self.draft_vocab[index]
+
+    def scatter_draft(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(..., K) values over the draft vocabulary -> (..., V), ``fill`` elsewhere (as is without one).
+
+        Probabilities scatter with ``fill=0`` (the draft never proposes a token outside its set), logits
+        with ``fill=-inf``.
+        """
+        if self.draft_vocab is None:
+            return values
+        out = values.new_full((*values.shape[:-1], self.vocab_size), fill)
+        return out.index_copy_(-1, self.draft_vocab.to(values.device), values)
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything that trains: LoRA, adapter, trainable exit head."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def lora_enabled(self, enabled: bool):
-        """Run the enclosed code with LoRA on or off (a no-op without LoRA or when asked for on)."""
+        """Run the enclosed code with LoRA on or off (a no-op without LoRA or when asked for on).
+
+        ``requires_grad`` of every parameter is the same inside as outside. PEFT's switch
+        (``BaseTunerLayer.enable_adapters``) also freezes the LoRA weights when it disables them and
+        unfreezes them when it enables them again; a switch in every forward (``lora.scope: draft``)
+        and every decoding round would make the trainable set flicker (ZeRO records it once, when it
+        builds its optimizer) and would unfreeze the LoRA of a model loaded frozen for inference. So
+        the flags are put back right after each switch, before any layer runs: only the layers'
+        disabled state changes, which is all their forward reads.
+        """
         if not self.has_lora or enabled:
             yield
             return
@@ -250,15 +387,24 @@ class KangarooModel(nn.Module):
 
         if getattr(self, "_lora_layers", None) is None:
             self._lora_layers = [m for m in self.base.modules() if isinstance(m, BaseTunerLayer)]
+            self._lora_params = [p for layer in self._lora_layers for p in layer.parameters()]
+        flags = [p.requires_grad for p in self._lora_params]
         was_enabled = [not layer.disable_adapters for layer in self._lora_layers]
         for layer in self._lora_layers:
             layer.enable_adapters(False)
+        self._restore_requires_grad(flags)
         try:
             yield
         finally:
             for layer, on in zip(self._lora_layers, was_enabled):
                 if on:
                     layer.enable_adapters(True)
+            self._restore_requires_grad(flags)
+
+    def _restore_requires_grad(self, flags: list[bool]) -> None:
+        for param, flag in zip(self._lora_params, flags):
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
 
     # ----------------------------------------------------------------------------------------------
     # Building blocks (shared by training and decoding)
@@ -383,7 +529,9 @@ class KangarooModel(nn.Module):
     ) -> torch.Tensor:
         """Adapter -> exit head: (B, T, d) shallow hidden states -> (B, T, V) draft logits.
 
-        ``cache`` is the adapter's own one-layer cache.
+        With a restricted head the logits are (B, T, K), over the token ids ``self.draft_vocab``
+        (:meth:`draft_token_ids` maps an argmax, :meth:`scatter_draft` widens to V). ``cache`` is the
+        adapter's own one-layer cache.
         """
         return self.exit_head(self.adapter_hidden(shallow_hidden, position_ids, padding_mask, cache))
 
@@ -406,9 +554,12 @@ class KangarooModel(nn.Module):
         return self.adapter(shallow_hidden, self.rotary(shallow_hidden, position_ids), mask, cache)
 
     def exit_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) adapter output -> (B, T, V) logits, by the shared ``lm_head`` or the trainable copy."""
+        """(B, T, d) adapter output -> (B, T, V) logits, by the shared ``lm_head`` or the trainable copy;
+        (B, T, K) over ``draft_vocab`` with a restricted head (its frozen ``lm_head`` slice or ``exit_proj``)."""
         if self.exit_proj is not None:
             return self.exit_proj(hidden.to(self.exit_proj.weight.dtype))
+        if self.exit_weight is not None:
+            return nn.functional.linear(hidden.to(self.exit_weight.dtype), self.exit_weight, self.exit_bias)
         lm_head = self.causal_lm.lm_head
         return lm_head(hidden.to(lm_head.weight.dtype))
 
@@ -436,7 +587,8 @@ class KangarooModel(nn.Module):
                 fine-tuning of the shallow layers, the baseline of the training benchmark.
 
         Returns:
-            :class:`TwoPathOutput` with (B, T, V) ``main_logits`` and ``exit_logits``.
+            :class:`TwoPathOutput` with (B, T, V) ``main_logits`` and ``exit_logits`` ((B, T, K) with a
+            restricted draft head; ``draft_vocab`` names its ids).
         """
         batch, length = input_ids.shape
         if attention_mask is not None:
@@ -452,7 +604,7 @@ class KangarooModel(nn.Module):
             else:
                 main_shallow = self.shallow(hidden, position_ids, draft=False)
             main_logits = self.deep_logits(main_shallow, position_ids)
-        return TwoPathOutput(main_logits=main_logits, exit_logits=exit_logits)
+        return TwoPathOutput(main_logits=main_logits, exit_logits=exit_logits, draft_vocab=self.draft_vocab)
 
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, V) logits of the model that verifies (no padding handling beyond causal)."""

@@ -1,4 +1,4 @@
-"""Stop cleanly on SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): save, then exit non-zero.
+"""Stop cleanly on SIGTERM (preemption), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's time-limit warning): save, exit non-zero.
 
 Lightning's own handling exits with status 0 on SIGTERM (its ``SIGTERMException`` is a ``SystemExit``
 without a code) and saves nothing, and turns Ctrl-C into an exit without a checkpoint: a scheduler
@@ -16,17 +16,21 @@ import lightning as L
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1: SLURM's warning before the time limit (scripts/slurm/fit.sbatch: --signal=USR1@90). Handled
+# like SIGTERM, so Lightning's own SLURM handler (which checkpoints inside the signal handler) never runs
+# during training; the job script requeues the job once every task has saved and exited with 138.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
 
 class GracefulStop(L.Callback):
-    """On SIGTERM or SIGINT, finish the current step, stop training, and let the checkpoint save it.
+    """On SIGTERM, SIGINT or SIGUSR1 (SLURM's time-limit warning), finish the current step, stop training,
+    and let the checkpoint save it.
 
     The signal handler only records the signal (nothing is saved inside it: a handler can run in the
     middle of any Python code). At the next training-batch end the trainer is told to stop
     (``trainer.should_stop``); training then ends normally, so :class:`~kangaroo_lit.checkpointing.KangarooCheckpoint`
     saves the final step into ``last.ckpt`` once. ``received`` tells the caller which signal arrived; the
-    CLI then exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT), so a scheduler sees
+    CLI then exits with ``128 + signal number`` (143 SIGTERM, 130 SIGINT, 138 SIGUSR1), so a scheduler sees
     a failed, resumable job. A second signal of the same kind is not caught: it ends the process at once.
     With several processes the decision is reduced across ranks, so all stop at the same step.
     """

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 PACKAGES = ("kangaroo_lit", "torch", "lightning", "transformers", "peft", "tokenizers", "datasets",
             "torchmetrics", "deepspeed", "jsonargparse")
@@ -59,23 +58,28 @@ class RunInfoCallback(L.Callback):
     """Write ``run_info.json`` (versions, git revision, seed) into the run's log directory at start.
 
     LightningCLI's SaveConfigCallback writes the resolved ``config.yaml`` beside it.
+
+    The hooks run on every process, and only global rank 0 writes: the log directory comes from
+    ``Trainer.log_dir``, which is a collective (a broadcast from rank 0). Asked on rank 0 alone (a
+    ``rank_zero_only`` hook) it waits forever for the other ranks, which are in a barrier elsewhere:
+    a multi-process run then hangs before its first step, with no error (DESIGN §5).
     """
 
-    @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer)
 
-    @rank_zero_only
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer)
 
-    @rank_zero_only
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":
             self._write(trainer)
 
     def _write(self, trainer: L.Trainer) -> None:
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = trainer.log_dir  # a collective: every rank asks
+        if not trainer.is_global_zero:
+            return
+        log_dir = Path(log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
 

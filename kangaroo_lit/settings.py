@@ -54,9 +54,17 @@ class DraftSettings:
 
     Args:
         exit_head: ``shared`` (the frozen ``lm_head``, Kangaroo) or ``trainable`` (a copy that trains).
+        vocab_size: K, a cheaper draft head: the exit head scores only the K most frequent target tokens
+            of the training data (EOS always among them); None scores the full vocabulary. Drafts come
+            from that set; verification is unchanged, so decoding stays lossless.
     """
 
     exit_head: ExitHeadMode = structural("shared")
+    vocab_size: int | None = structural(None)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or self.vocab_size < 1):
+            raise ConfigError(f"draft.vocab_size must be >= 1 or null (the full vocabulary), got {self.vocab_size}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from kangaroo_lit.embedded import ASSETS_DIR
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-OVERLAYS = {"joint.yaml", "shared-lora.yaml", "deepspeed-zero2.yaml"}  # applied on top of another config
+# applied on top of another config
+OVERLAYS = {"joint.yaml", "shared-lora.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"}
 DOLLY_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "dolly-tiny.jsonl"
 STORIES_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "stories.jsonl"
 

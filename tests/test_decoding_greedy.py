@@ -22,6 +22,29 @@ SETTINGS = [(t, m) for t in (0.0, 0.6, 1.0) for m in (1, 6)]  # (threshold, max_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+DRAFT_VOCAB = 64  # K of the restricted draft head (draft.vocab_size) in the "k64" runs
+
+
+def build_restricted_model(model_dir, exit_layer: int, mode: str, seed: int, k: int = DRAFT_VOCAB):
+    """As ``build_decoding_model`` (float64, perturbed), with an exit head over ``k`` random token ids."""
+    from kangaroo_lit.architectures import load_base_model
+    from kangaroo_lit.model import KangarooModel, LoraSettings
+
+    base = load_base_model(str(model_dir), "float64")
+    base.generation_config.eos_token_id = None
+    base.generation_config.pad_token_id = 0
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(base.config.vocab_size, generator=gen)[:k]
+    lora = None if mode == "off" else LoraSettings(rank=4, alpha=8.0, dropout=0.0, scope=mode)
+    model = KangarooModel(base, exit_layer=exit_layer, lora=lora, trainable_dtype=torch.float64, draft_vocab=ids)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.05)
+        o_proj = model.adapter.self_attn.o_proj.weight
+        o_proj.copy_(torch.randn(o_proj.shape, generator=gen, dtype=o_proj.dtype) * 0.02)
+    return model.eval()
+
 
 def noisy_oracle(reference: list[int], prompt_length: int, seed: int, p_agree: float = 0.75):
     """Draft hook: the true next token with probability ``p_agree`` (confidence varies), else a wrong one."""
@@ -54,18 +77,23 @@ def check_statistics(result, rounds: list[RoundInfo]) -> None:
     assert result.wall_time_s > 0 and 0 <= result.accept_rate <= 1
 
 
+@pytest.mark.parametrize("head", ["full", f"k{DRAFT_VOCAB}"])
 @pytest.mark.parametrize("arch_index", range(len(ARCHITECTURES)), ids=ARCHITECTURES)
-def test_greedy_equals_generate(arch_index, tiny_model_dirs):
+def test_greedy_equals_generate(arch_index, head, tiny_model_dirs):
+    """``k64``: a restricted draft head (K = 64 ids of 320); fewer prompts, the same exactness."""
     arch = ARCHITECTURES[arch_index]
-    rng = random.Random(1000 + arch_index)
+    restricted = head != "full"
+    rng = random.Random(1000 + arch_index + 100 * restricted)
     events: Counter = Counter()
     prompts = 0
     # Three models per architecture; over the four, every (exit layer, LoRA mode) pair is covered.
     for m, mode in enumerate(MODES):
         exit_layer = (arch_index + m) % 3
-        model = build_decoding_model(tiny_model_dirs[arch], exit_layer, mode, seed=arch_index * 10 + m)
+        build = build_restricted_model if restricted else build_decoding_model
+        model = build(tiny_model_dirs[arch], exit_layer, mode, seed=arch_index * 10 + m)
         vocab = model.config.vocab_size
-        for case in range(18):
+        draft_set = set(model.draft_vocab.tolist()) if restricted else None
+        for case in range(6 if restricted else 18):
             ids = random_prompt(rng, vocab)
             oracle = case % 3 != 0
             # Untrained drafts on a random model are nearly always rejected: rounds are costly, keep them short.
@@ -95,6 +123,8 @@ def test_greedy_equals_generate(arch_index, tiny_model_dirs):
             result = decoder.generate(ids, max_new, eos_token_id=eos)
             assert result.tokens == expected, (arch, exit_layer, mode, threshold, max_draft, oracle, eos)
             check_statistics(result, rounds)
+            if restricted and not oracle:  # drafts come from the restricted head's K ids only
+                assert {t for info in rounds for t in info.drafted} <= draft_set
             for info in rounds[1:]:
                 events["all_accepted"] += info.accepted == len(info.drafted)
                 # A pass whose tokens were cut: at an EOS among accepted drafts, or at the budget.
@@ -103,7 +133,7 @@ def test_greedy_equals_generate(arch_index, tiny_model_dirs):
                 assert len(info.drafted) <= max_draft
                 assert threshold < 1 or len(info.drafted) == 1
             prompts += 1
-    assert prompts >= 50
+    assert prompts >= (18 if restricted else 50)
     assert all(events[e] > 0 for e in ("eos_stop", "all_accepted", "eos_cut", "budget_cut")), events
 
 

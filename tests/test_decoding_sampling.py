@@ -29,7 +29,12 @@ BOUND = 0.07  # expected TV of 3000 exact draws over 27 outcomes is about 0.03
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build_small_model(mode: str = "off") -> KangarooModel:
+# A restricted draft head (draft.vocab_size K = 6 of the 12 ids): q is zero outside it, and the output
+# must still follow the full model exactly.
+DRAFT_VOCAB = torch.tensor([0, 2, 3, 5, 7, 10])
+
+
+def build_small_model(mode: str = "off", draft_vocab: torch.Tensor | None = None) -> KangarooModel:
     """2 layers, vocabulary 12, exit layer 0; the untrained draft is accepted about 60% of the time (off)."""
     torch.manual_seed(0)
     config = tiny_config("llama", vocab_size=12, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -38,7 +43,7 @@ def build_small_model(mode: str = "off") -> KangarooModel:
     with torch.no_grad():
         base.lm_head.weight.mul_(10.0)  # peaked enough that the top-k tokens are not equiprobable
     lora = None if mode == "off" else LoraSettings(rank=2, dropout=0.0, scope=mode)
-    model = KangarooModel(base, exit_layer=0, lora=lora, trainable_dtype=torch.float64).eval()
+    model = KangarooModel(base, exit_layer=0, lora=lora, trainable_dtype=torch.float64, draft_vocab=draft_vocab).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -104,14 +109,27 @@ def draw(
     return counts, drafted, accepted
 
 
-def test_speculative_sampling_matches_full_model_distribution(small_model):
+@pytest.fixture(scope="module")
+def restricted_model():
+    return build_small_model(draft_vocab=DRAFT_VOCAB)
+
+
+@pytest.mark.parametrize("head", ["full", "k6"])
+def test_speculative_sampling_matches_full_model_distribution(head, request):
+    small_model = request.getfixturevalue("small_model" if head == "full" else "restricted_model")
     sampling = SamplingConfig(temperature=1.0, top_k=TOP_K)
     exact = exact_distribution(small_model, sampling)
     assert len(exact) == TOP_K**FIRST
     assert abs(sum(exact.values()) - 1.0) < 1e-9
 
-    decoder = SelfSpeculativeDecoder(small_model, threshold=0.0, max_draft=MAX_DRAFT)
-    counts, drafted, accepted = draw(decoder, 3000, seed=1, sampling=sampling)
+    drafts = set()
+    decoder = SelfSpeculativeDecoder(small_model, threshold=0.0, max_draft=MAX_DRAFT,
+                                     on_round=lambda info: drafts.update(info.drafted))
+    # Fewer draws for the restricted head (runtime); seeded, its TV is about 0.05.
+    counts, drafted, accepted = draw(decoder, 3000 if head == "full" else 2000, seed=1, sampling=sampling)
+    if head != "full":
+        assert drafts <= set(DRAFT_VOCAB.tolist())  # q is zero outside the draft vocabulary
+        assert any(k not in drafts for k in (tok for key in exact for tok in key))  # yet p reaches beyond it
     tv = total_variation(counts, exact)
     assert drafted > accepted > 0, "both acceptances and rejections must happen"
     assert tv < BOUND, f"TV {tv:.3f} between speculative sampling and the full model"

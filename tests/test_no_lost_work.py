@@ -119,8 +119,9 @@ def test_data_errors_are_one_line_with_exit_code_2(tmp_path, tiny_llama_dir, cap
     args[args.index("--data.data_path") + 1] = str(bad)
     assert main(args) == 2
     err = capsys.readouterr().err
-    error = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and f"{bad}, line 2: not valid JSON" in error[0] and "Traceback" not in err
+    # one "error:" line naming the file, then the malformed rows with their line numbers
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+    assert f"{bad}, line 2: not valid JSON" in err and "Traceback" not in err
 
 
 def test_cpu_threads_suit_the_model_size(tmp_path, tiny_llama_dir, capsys):

@@ -41,6 +41,25 @@ def _only_item(items: list[dict]) -> dict:
     return items[0]
 
 
+def count_target_tokens(dataset: TokenDataset, vocab_size: int = 0) -> torch.Tensor:
+    """(V,) int64: how often each token id is a target (label != -100) in ``dataset``.
+
+    V is ``vocab_size`` or one more than the largest id seen, whichever is larger.
+    """
+    rows, indices = dataset.rows, dataset.indices
+    lengths = rows.lengths
+    starts = rows.offsets[:-1]
+    # Per token of the flat storage: its example, and whether it is past that example's prompt.
+    example_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    position = torch.arange(rows.input_ids.numel()) - starts[example_of]
+    in_split = torch.zeros(len(lengths), dtype=torch.bool)
+    in_split[indices] = True
+    target = in_split[example_of] & (position >= rows.prompt_lens.long()[example_of])
+    ids = rows.input_ids[target].long()
+    size = max(vocab_size, int(ids.max()) + 1 if ids.numel() else 0)
+    return torch.bincount(ids, minlength=size)
+
+
 def split_count(n: int, fraction: float) -> int:
     """Rows of ``n`` that go to a held-out split: ``round(n * fraction)``, at least 1 when fraction > 0."""
     return 0 if fraction <= 0 else max(1, round(n * fraction))
@@ -53,7 +72,9 @@ class InstructionDataModule(L.LightningDataModule):
     (1 real, 0 pad) and ``labels`` (unshifted; -100 on prompt and padding positions).
 
     After ``setup()``: ``tokenizer``, ``train_dataset``, ``val_dataset``, ``test_dataset``
-    (``TokenDataset``; the held-out ones may be empty), ``truncation_stats`` and ``pad_id``.
+    (``TokenDataset``; the held-out ones may be empty), ``truncation_stats``, ``pad_id`` and
+    ``target_token_counts`` (how often each token id is a target of the train split; what a restricted
+    draft head, ``draft.vocab_size``, picks its tokens by).
 
     Multi-process training: the train sampler shards itself by ``trainer.world_size`` and
     ``trainer.global_rank``; run the Trainer with ``use_distributed_sampler=False``.
@@ -159,6 +180,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.test_dataset: TokenDataset | None = None
         self.truncation_stats: TruncationStats | None = None
         self.pad_id: int | None = None
+        self.target_token_counts: torch.Tensor | None = None
         self.cache_file: str | None = None
         self.loaded_from_cache = False
         self._train_sampler: LengthGroupedBatchSampler | None = None
@@ -262,6 +284,7 @@ class InstructionDataModule(L.LightningDataModule):
         if len(data) == 0:
             raise DataError("tokenization produced no examples; nothing to train on")
         self._split(data, len(rows))
+        self.target_token_counts = count_target_tokens(self.train_dataset, len(self.tokenizer))
         self.data = data
         log.info(
             "data: %d train / %d val / %d test examples (format=%s, max_length=%d)",

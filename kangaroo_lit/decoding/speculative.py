@@ -13,6 +13,11 @@ One round (DESIGN.md §3), with ``x`` the last committed token, not yet in any c
    one token of the full model (the correction, or the bonus when every draft is accepted).
 4. Roll every cache back to the committed length.
 
+A restricted draft head (``draft.vocab_size`` K) gives (B, K) draft logits over ``model.draft_vocab``:
+greedy takes the argmax over K and maps it to its token id; sampling warps and normalises over K, then
+scatters ``q`` to the full vocabulary (zero elsewhere) for the rejection step, which with ``p`` the full
+model's distribution stays exactly lossless. Verification is unchanged.
+
 Cache layout: one :class:`transformers.DynamicCache` per path segment, each written at the decoder's
 own layer indices:
 
@@ -72,6 +77,7 @@ class RoundInfo:
 
 
 # (B, V) draft logits, absolute position of the token being drafted -> (B, V) logits to draft from.
+# (With a restricted draft head the hook sees them scattered to V, -inf outside the draft vocabulary.)
 DraftLogitsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -263,7 +269,7 @@ class SelfSpeculativeDecoder:
 
         Returns:
             ``(hidden, logits)``: (B, 1, d) its draft-path shallow state and (B, V) the draft logits of
-            the token after it.
+            the token after it ((B, K) over ``model.draft_vocab`` with a restricted draft head).
         """
         model = self.model
         batch = token.shape[0]
@@ -301,8 +307,15 @@ class SelfSpeculativeDecoder:
         for i in range(1, k_max + 1):
             hidden, logits = self._draft_step(state, token, x_pos + i - 1)
             if self.draft_logits_fn is not None:
-                logits = self.draft_logits_fn(logits, x_pos + i)
-            draft, probs = choose(logits, sampling, generator)
+                logits = self.draft_logits_fn(model.scatter_draft(logits, float("-inf")), x_pos + i)
+                draft, probs = choose(logits, sampling, generator)
+            else:
+                # Restricted head: choose among its K ids, then map to the token id and widen q to V
+                # (zero outside the set) for the rejection step. Identities for a full-vocabulary head.
+                index, probs = choose(logits, sampling, generator)
+                draft = model.draft_token_ids(index)
+                if probs is not None:
+                    probs = model.scatter_draft(probs)
             shallow_states.append(hidden)
             drafts.append(draft)
             draft_probs.append(probs)
