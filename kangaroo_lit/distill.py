@@ -97,7 +97,7 @@ def distill(
         use_chat_template: render rows with the tokenizer's chat template, as training does.
         max_rows: only the first rows (quick runs).
         seed: base seed; each batch is seeded from it and the batch's first (row, sample).
-        threads: torch CPU threads (default: torch's).
+        threads: torch CPU threads (default: 1 for models under 20M parameters, else every core).
         dtype: model dtype.
 
     Returns:
@@ -114,11 +114,12 @@ def distill(
         raise ConfigError("samples_per_row, batch_size and max_new_tokens must be >= 1")
     if samples_per_row > 1 and temperature == 0:
         raise ConfigError("samples_per_row > 1 with temperature 0 repeats one greedy answer; set --temperature > 0")
-    if threads:
-        torch.set_num_threads(threads)
     from transformers import AutoTokenizer
 
+    from kangaroo_lit.threads import set_threads_for
+
     path = resolve_path(base_model)
+    set_threads_for(path, threads)  # the project's rule (1 thread for tiny models), as fit and generate
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:  # Llama's tokenizers have none: pad with EOS (masked anyway)
