@@ -49,6 +49,7 @@ from kangaroo_lit.bench.common import (
 )
 from kangaroo_lit.bench.decode import as_list, hf_generate
 from kangaroo_lit.errors import ConfigError
+from kangaroo_lit.streaming_linear import Kernel, streaming_linears
 
 
 def cost_model(
@@ -66,6 +67,7 @@ def cost_model(
     forced_new_tokens: int | None = None,
     seed: int = 0,
     threads: int | None = None,
+    kernel: Kernel = "eager",
     out_dir: str | None = None,
 ) -> dict[str, Any]:
     """Measure c, v_k and the forced-acceptance speedup; returns the report.
@@ -85,6 +87,8 @@ def cost_model(
         forced_new_tokens: tokens per forced-acceptance decode (default 1 + 18 (max_draft + 1)).
         seed: seed of the random weights and the random prompts.
         threads: torch CPU threads for the run (default on CPU: 1), restored afterwards.
+        kernel: linear layers of <= 8 rows: ``eager`` (``F.linear``) or ``streaming``
+            (:mod:`kangaroo_lit.streaming_linear`, CPU float32), for the full step, the draft and verification alike.
         out_dir: write decode_cost_<shape>_<device>.json and .md here.
     """
     config = dict(locals())
@@ -97,11 +101,12 @@ def cost_model(
         for layer in as_list(exit_layer):
             model, name = build_cost_model(shape, base_model, layer, dtype, device, seed)
             print(f"cost model: {name}, exit layer {layer}, {dtype} on {device}, context {context}", file=sys.stderr)
-            costs = measure_costs(model, context, list(ks), repeats, device, seed)
-            entry = {"exit_layer": layer, **costs}
-            if forced:
-                entry["forced"] = forced_speedup(model, costs, max_draft, context, runs, forced_new_tokens, seed,
-                                                 device)
+            with streaming_linears(model, kernel == "streaming"):
+                costs = measure_costs(model, context, list(ks), repeats, device, seed)
+                entry = {"exit_layer": layer, **costs}
+                if forced:
+                    entry["forced"] = forced_speedup(model, costs, max_draft, context, runs, forced_new_tokens,
+                                                     seed, device)
             results.append(entry)
             del model
             gc.collect()  # free one 7B model before building the next

@@ -19,6 +19,8 @@ class DecodeResult:
             ``max_new_tokens``, so ``accepted / drafted`` measures the drafter).
         full_passes: forward passes of the full model (prefill + one per round).
         draft_steps: single-token steps of the draft path (shallow layers -> adapter -> exit head).
+        lookup_drafted: the part of ``drafted`` copied by prompt lookup (not the draft path).
+        lookup_accepted: the part of ``accepted`` that was copied by prompt lookup.
         wall_time_s: wall-clock seconds of the whole generation, prefill included.
     """
 
@@ -28,6 +30,8 @@ class DecodeResult:
     accepted: int = 0
     full_passes: int = 0
     draft_steps: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
     wall_time_s: float = 0.0
 
     @property

@@ -13,6 +13,13 @@ One round (DESIGN.md §3), with ``x`` the last committed token, not yet in any c
    one token of the full model (the correction, or the bonus when every draft is accepted).
 4. Roll every cache back to the committed length.
 
+Prompt lookup (``prompt_lookup`` N > 0): a round whose last committed n-gram occurred earlier in the
+context drafts the (at most N) tokens that followed it instead of running the draft path; verification
+is the same pass. Those tokens have not been through the draft path, so they join the *pending* tokens
+(below) that enter it with the next adapter round's first step. Sampling stays exact: a copied token is
+a draft from a point mass ``q`` (accepted with probability ``p(d)``, else resampled from ``p`` without
+``d``).
+
 A restricted draft head (``draft.vocab_size`` K) gives (B, K) draft logits over ``model.draft_vocab``:
 greedy takes the argmax over K and maps it to its token id; sampling warps and normalises over K, then
 scatters ``q`` to the full vocabulary (zero elsewhere) for the rejection step, which with ``p`` the full
@@ -31,7 +38,8 @@ Between rounds, with ``n`` committed tokens (prompt + generated), every cache ho
 draft of a round is accepted, the draft path has not yet seen ``dk`` (the adapter never, the LoRA
 shallow layers of scope "draft" neither). Rather than a separate catch-up call, ``dk`` stays *pending*
 and enters the draft path together with the next round's ``x`` (a two-position step), so the draft
-caches are one position short in between (:attr:`RoundInfo.pending`).
+caches are one position short in between (:attr:`RoundInfo.pending`). After a prompt-lookup round
+the draft path is short by ``x`` and the accepted tokens as well.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from transformers import DynamicCache
 
 from kangaroo_lit.decoding.common import check_inputs, eos_set, synchronize
 from kangaroo_lit.decoding.kv_cache import cache_length, crop_layers
+from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
 from kangaroo_lit.decoding.result import DecodeResult
 from kangaroo_lit.decoding.sampling import SamplingConfig, choose, probabilities, rejection_sample
 from kangaroo_lit.model import KangarooModel
@@ -64,7 +73,8 @@ class RoundInfo:
         cache_lengths: per cache segment (``draft_shallow``, ``verify_shallow``, ``deep``, ``adapter``),
             the cached length of each of its layers.
         pending: per draft segment (``draft_shallow``, ``adapter``), positions computed by the full path
-            but not yet by the draft path (0 or 1; see the module docstring).
+            but not yet by the draft path (see the module docstring).
+        lookup: whether the round's drafts came from prompt lookup (not the draft path).
     """
 
     index: int
@@ -74,6 +84,7 @@ class RoundInfo:
     committed_length: int
     cache_lengths: dict[str, list[int]]
     pending: dict[str, int]
+    lookup: bool = False
 
 
 # (B, V) draft logits, absolute position of the token being drafted -> (B, V) logits to draft from.
@@ -88,8 +99,8 @@ class _State:
     Attributes:
         caches: one cache per segment (see the module docstring).
         committed: (B, n) prompt + generated ids; the last one is in no cache yet.
-        pending_ids: (B, m) ids whose draft shallow step is still to run (scope "draft", m <= 1).
-        pending_hidden: (B, m, d) draft-path shallow states the adapter has not seen yet (m <= 1).
+        pending_ids: (B, m) ids whose draft shallow step is still to run (scope "draft").
+        pending_hidden: (B, m, d) draft-path shallow states the adapter has not seen yet (shared scope).
     """
 
     caches: dict[str, DynamicCache]
@@ -113,6 +124,10 @@ class SelfSpeculativeDecoder:
         draft_logits_fn: test hook; rewrites the (B, V) draft logits of the token at a given absolute
             position before the draft token (and its confidence) is chosen from them.
         on_round: debug hook called with a :class:`RoundInfo` after the prefill and after every round.
+        prompt_lookup: most tokens a round drafts by prompt lookup when the context's last n-gram
+            occurred before (0: off, the adapter drafts every round). ``prompt_lookup + 1 <= 8`` keeps
+            verification within :mod:`kangaroo_lit.streaming_linear`'s rows.
+        prompt_lookup_ngram: ``(min, max)`` n-gram sizes matched (the longest match wins).
     """
 
     def __init__(
@@ -122,7 +137,13 @@ class SelfSpeculativeDecoder:
         max_draft: int = 6,
         draft_logits_fn: DraftLogitsFn | None = None,
         on_round: Callable[[RoundInfo], None] | None = None,
+        prompt_lookup: int = 0,
+        prompt_lookup_ngram: tuple[int, int] = (2, 3),
     ) -> None:
+        if prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup must be >= 0 (tokens; 0 = off), got {prompt_lookup}")
+        if not 1 <= prompt_lookup_ngram[0] <= prompt_lookup_ngram[1]:
+            raise ValueError(f"prompt_lookup_ngram must be (min, max) with 1 <= min <= max, got {prompt_lookup_ngram}")
         if max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {max_draft}")
         if threshold < 0:
@@ -132,6 +153,8 @@ class SelfSpeculativeDecoder:
         self.max_draft = max_draft
         self.draft_logits_fn = draft_logits_fn
         self.on_round = on_round
+        self.prompt_lookup = prompt_lookup
+        self.prompt_lookup_ngram = tuple(prompt_lookup_ngram)
 
     # ----------------------------------------------------------------------------------------------
     # Segments
@@ -300,6 +323,12 @@ class SelfSpeculativeDecoder:
         # yields at most k + 1 tokens, so k <= remaining - 1, but a round always drafts at least one.
         remaining = max_new_tokens - len(result.tokens)
         k_max = max(1, min(self.max_draft, remaining - 1))
+        if self.prompt_lookup:
+            copied = lookup_continuation(state.committed[0], max(1, min(self.prompt_lookup, remaining - 1)),
+                                         *self.prompt_lookup_ngram)
+            if copied.numel():
+                self._lookup_round(state, index, copied[None], sampling, generator, result, eos, max_new_tokens)
+                return
 
         # 1. Draft.
         shallow_states, drafts, draft_probs = [], [], []
@@ -312,8 +341,8 @@ class SelfSpeculativeDecoder:
             else:
                 # Restricted head: choose among its K ids, then map to the token id and widen q to V
                 # (zero outside the set) for the rejection step. Identities for a full-vocabulary head.
-                index, probs = choose(logits, sampling, generator)
-                draft = model.draft_token_ids(index)
+                choice, probs = choose(logits, sampling, generator)
+                draft = model.draft_token_ids(choice)
                 if probs is not None:
                     probs = model.scatter_draft(probs)
             shallow_states.append(hidden)
@@ -379,6 +408,49 @@ class SelfSpeculativeDecoder:
         emitted = self._emit(new, result, eos, max_new_tokens)
         self._report(state, index, draft_ids[0].tolist(), n_accepted, emitted)
 
+    def _lookup_round(self, state, index, draft_ids, sampling, generator, result, eos, max_new_tokens) -> None:
+        """A round whose (B, k) drafts were copied from the context: verify them; the draft path catches up later."""
+        model = self.model
+        batch, n = state.committed.shape
+        device = state.committed.device
+        x = state.committed[:, -1:]
+        k = draft_ids.shape[1]
+        positions = self._positions(n - 1, k + 1, batch, device)
+        ids = torch.cat([x, draft_ids], dim=1)
+        # The shared shallow cache is the draft path's: these positions enter it now (its pending ids are
+        # none); scope "draft" runs the untouched shallow layers on their own cache, as every round does.
+        segment = "draft_shallow" if model.shallow_is_shared else "verify_shallow"
+        verify_hidden = model.shallow(model.embed(ids), positions, cache=state.caches[segment],
+                                      draft=model.shallow_is_shared)
+        target_logits = model.deep_logits(verify_hidden, positions, cache=state.caches["deep"])
+        result.full_passes += 1
+        result.drafted += k
+        result.lookup_drafted += k
+
+        # A copied token is a draft from a point mass q (sampling: accepted with probability p(d)).
+        q = None
+        if not sampling.greedy:
+            q = torch.zeros(k, target_logits.shape[-1], dtype=target_logits.dtype, device=device)
+            q.scatter_(1, draft_ids[0].view(k, 1), 1.0)
+        n_accepted, next_token = self.accept_drafts(draft_ids[0], q, target_logits[0], sampling, generator)
+        result.accepted += n_accepted
+        result.lookup_accepted += n_accepted
+        new = draft_ids[0, :n_accepted].tolist() + [next_token]
+
+        keep = n + n_accepted
+        for name in ("deep", segment):
+            crop_layers(state.caches[name], self._segment_layers(name), keep)
+        # x and the accepted copies wait for the draft path (the adapter; scope "draft": its shallow layers too).
+        if model.shallow_is_shared:
+            state.pending_hidden = torch.cat([state.pending_hidden, verify_hidden[:, : n_accepted + 1]], dim=1)
+        else:
+            state.pending_ids = torch.cat([state.pending_ids, ids[:, : n_accepted + 1]], dim=1)
+
+        next_ids = torch.tensor([new], dtype=state.committed.dtype, device=device)
+        state.committed = torch.cat([state.committed, next_ids], dim=1)
+        emitted = self._emit(new, result, eos, max_new_tokens)
+        self._report(state, index, draft_ids[0].tolist(), n_accepted, emitted, lookup=True)
+
     def _emit(self, new: list[int], result: DecodeResult, eos: set[int], max_new_tokens: int) -> list[int]:
         """Append one pass's tokens to the output, cut after EOS or at the budget; record the pass."""
         emitted = []
@@ -392,7 +464,8 @@ class SelfSpeculativeDecoder:
         result.accept_lengths.append(len(emitted))
         return emitted
 
-    def _report(self, state: _State, index: int, drafted: list[int], accepted: int, emitted: list[int]) -> None:
+    def _report(self, state: _State, index: int, drafted: list[int], accepted: int, emitted: list[int],
+                lookup: bool = False) -> None:
         if self.on_round is None:
             return
         lengths = {
@@ -412,6 +485,7 @@ class SelfSpeculativeDecoder:
                 committed_length=state.committed.shape[1],
                 cache_lengths=lengths,
                 pending=pending,
+                lookup=lookup,
             )
         )
 

@@ -1,0 +1,158 @@
+"""Prompt lookup inside the self-speculative decoder: copied drafts keep output exact.
+
+Greedy: token-identical to HF ``generate`` in float64 on every architecture and LoRA mode, with lookup
+rounds (accepted and rejected) mixed with adapter rounds, so the draft path's catch-up over several
+pending tokens is exercised. Sampling: the joint distribution of the first tokens equals the full
+model's (a copied token is a draft from a point mass).
+"""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, probabilities
+from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
+from kangaroo_lit.decoding.sampling import SamplingConfig
+from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
+from tests.test_decoding_greedy import noisy_oracle
+from tests.test_decoding_sampling import BOUND, build_small_model, total_variation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def t(*ids: int) -> torch.Tensor:
+    return torch.tensor(ids)
+
+
+def test_lookup_continuation_picks_longest_then_latest_full_match():
+    # The 3-gram (1, 2, 3) occurred at 0; the 2-gram (2, 3) also at 5; the longer match wins.
+    assert lookup_continuation(t(1, 2, 3, 9, 8, 2, 3, 7, 1, 2, 3), 2).tolist() == [9, 8]
+    # Only 2-grams match: the latest occurrence wins.
+    assert lookup_continuation(t(2, 3, 4, 5, 2, 3, 6, 2, 3), 3).tolist() == [6, 2, 3]
+    # The latest occurrence with max_tokens after it: in a cycle, a whole period ahead, not the last token.
+    assert lookup_continuation(t(4, 4, 4, 4, 4, 4), 3).tolist() == [4, 4, 4]
+    assert lookup_continuation(t(1, 2, 3, 1, 2, 3, 1, 2), 4).tolist() == [3, 1, 2]
+    # Fewer tokens after the match than asked: what there is.
+    assert lookup_continuation(t(5, 2, 3, 4, 2, 3), 10).tolist() == [4, 2, 3]
+    # No earlier occurrence of any n-gram >= min_ngram: nothing.
+    assert lookup_continuation(t(1, 2, 3, 4, 3), 5).numel() == 0
+    assert lookup_continuation(t(1, 2, 3, 4, 3), 5, min_ngram=1).tolist() == [4, 3]
+    assert lookup_continuation(t(7), 4, min_ngram=1).numel() == 0
+    with pytest.raises(ValueError, match="min_ngram"):
+        lookup_continuation(t(1, 2), 3, min_ngram=3, max_ngram=2)
+
+
+def repetitive_prompt(rng: random.Random, vocab: int) -> torch.Tensor:
+    """Random tokens with a few repeated chunks, so n-grams of the prompt (and often the output) recur."""
+    chunks = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))] for _ in range(3)]
+    ids: list[int] = []
+    for _ in range(rng.randint(3, 6)):
+        ids += rng.choice(chunks) + [rng.randrange(3, vocab)] * rng.randint(0, 1)
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize("arch_index", range(len(ARCHITECTURES)), ids=ARCHITECTURES)
+def test_greedy_with_prompt_lookup_equals_generate(arch_index, tiny_model_dirs):
+    arch = ARCHITECTURES[arch_index]
+    rng = random.Random(77 + arch_index)
+    events: Counter = Counter()
+    for m, mode in enumerate(("off", "draft", "shared")):
+        model = build_decoding_model(tiny_model_dirs[arch], (arch_index + m) % 3, mode, seed=arch_index * 10 + m)
+        for case in range(5):
+            ids = repetitive_prompt(rng, model.config.vocab_size)
+            max_new = rng.randint(10, 24)
+            reference = greedy_reference(model, ids, max_new)
+            rounds: list[RoundInfo] = []
+            decoder = SelfSpeculativeDecoder(
+                model, threshold=0.6, max_draft=rng.choice([1, 4]), on_round=rounds.append,
+                draft_logits_fn=noisy_oracle(reference, ids.shape[1], seed=case) if case % 2 else None,
+                prompt_lookup=rng.choice([1, 3, 7]), prompt_lookup_ngram=(1, 3) if case % 3 == 0 else (2, 3),
+            )
+            result = decoder.generate(ids, max_new)
+            assert result.tokens == reference, (arch, mode, case)
+            assert sum(result.accept_lengths) == len(result.tokens) == max_new
+            assert result.drafted == sum(len(r.drafted) for r in rounds)
+            assert result.lookup_drafted == sum(len(r.drafted) for r in rounds if r.lookup)
+            assert result.lookup_accepted == sum(r.accepted for r in rounds if r.lookup)
+            assert result.draft_steps == result.drafted - result.lookup_drafted
+            for before, info in zip(rounds, rounds[1:]):
+                assert info.committed_length == before.committed_length + info.accepted + 1
+                kind = "lookup" if info.lookup else "adapter"
+                events[f"{kind}_accepted"] += info.accepted > 0
+                events[f"{kind}_rejected"] += info.accepted < len(info.drafted)
+                # an adapter round right after a lookup round catches the draft path up over several tokens
+                events["catch_up"] += (not info.lookup) and before.lookup and before.accepted > 0
+    assert all(events[e] > 0 for e in ("lookup_accepted", "lookup_rejected", "adapter_accepted",
+                                       "adapter_rejected", "catch_up")), events
+
+
+@pytest.mark.parametrize("mode", ["off", "draft", "shared"])
+def test_draft_path_catches_up_after_lookup_rounds(mode, tiny_model_dirs):
+    """Every adapter draft after lookup rounds sees exactly the context a cache-free draft path sees."""
+    torch.manual_seed(0)  # LoRA A and the adapter's other weights come from the global generator
+    model = build_decoding_model(tiny_model_dirs["llama"], exit_layer=1, mode=mode, seed=5)
+    covered = Counter()
+    for ids in ([[5, 17, 42, 99, 7, 5, 17, 42, 3, 64, 5, 17]], [[9, 8, 7, 9, 8, 7, 9, 8]], [[4, 4, 4, 4, 4, 4]]):
+        ids = torch.tensor(ids)
+        prompt, max_new = ids.shape[1], 30
+        reference = greedy_reference(model, ids, max_new)
+        with torch.inference_mode():
+            teacher_forced = model(torch.cat([ids, torch.tensor([reference])], dim=1)).exit_logits[0]
+        rounds: list[RoundInfo] = []
+
+        def oracle(logits, position, reference=reference, teacher_forced=teacher_forced, prompt=prompt):
+            # Drafts are always right, so every draft's context is the reference: compare, then draft it.
+            torch.testing.assert_close(logits[0], teacher_forced[position - 1], rtol=1e-9, atol=1e-9)
+            out = torch.full_like(logits, -30.0)
+            out[:, reference[position - prompt]] = 30.0
+            return out
+
+        decoder = SelfSpeculativeDecoder(model, threshold=0.6, max_draft=3, draft_logits_fn=oracle,
+                                         on_round=rounds.append, prompt_lookup=4, prompt_lookup_ngram=(1, 3))
+        assert decoder.generate(ids, max_new).tokens == reference
+        # an adapter round right after a lookup round that accepted copies: several pending positions
+        covered["catch_up"] += sum(b.lookup and b.accepted > 0 and not r.lookup for b, r in zip(rounds, rounds[1:]))
+        final = rounds[-1]
+        committed = final.committed_length - 1
+        assert final.cache_lengths["deep"] == [committed] * 2
+        assert final.cache_lengths["adapter"] == [committed - final.pending["adapter"]]
+    assert covered["catch_up"] > 0
+
+
+# About 70 s on 2 loaded cores: slow tier, as the restricted-head distribution test.
+@pytest.mark.slow
+def test_sampling_with_prompt_lookup_matches_full_model_distribution():
+    """Prompt [1, 5, 7, 1, 5]: the first round copies 7, ... (n-gram (1, 5)); tokens vary after it."""
+    prompt = [1, 5, 7, 1, 5]
+    first = 3
+    sampling = SamplingConfig(temperature=1.0, top_k=3)
+    model = build_small_model("draft")
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(first):
+            grown = {}
+            for prefix, mass in exact.items():
+                probs = probabilities(model.full_logits(torch.tensor([prompt + list(prefix)]))[0, -1], sampling)
+                for tok in probs.nonzero().flatten().tolist():
+                    grown[prefix + (tok,)] = mass * float(probs[tok])
+            exact = grown
+    lookups: Counter = Counter()
+
+    def note(info: RoundInfo) -> None:
+        if info.lookup:
+            lookups["rounds"] += 1
+            lookups["accepted"] += info.accepted
+            lookups["rejected"] += info.accepted < len(info.drafted)
+
+    decoder = SelfSpeculativeDecoder(model, threshold=0.0, max_draft=2, on_round=note, prompt_lookup=3,
+                                     prompt_lookup_ngram=(1, 2))
+    generator = torch.Generator().manual_seed(3)
+    counts: Counter = Counter()
+    for _ in range(2500):
+        result = decoder.generate(torch.tensor([prompt]), first + 1, temperature=1.0, top_k=3, generator=generator)
+        counts[tuple(result.tokens[:first])] += 1
+    assert lookups["accepted"] > 0 and lookups["rejected"] > 0, lookups
+    tv = total_variation(counts, exact)
+    assert tv < BOUND, f"TV {tv:.3f} between speculative sampling with prompt lookup and the full model"
