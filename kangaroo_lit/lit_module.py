@@ -196,12 +196,20 @@ class KangarooLitModule(L.LightningModule):
         return keys
 
     # ----------------------------------------------------------------------------------------------
+    def _skips_full_path(self) -> bool:
+        """Training with SGP and a label-only exit loss: the full path reaches neither a trainable weight nor
+        the loss's gradient, so it is not computed (the same update, several times cheaper on a deep model;
+        ``train/loss_main`` and the agreement metrics are then logged in validation only)."""
+        loss = self.settings.loss
+        return self.training and loss.detach_exit and loss.exit_loss == "ce" and loss.beta_exit > 0
+
     def _step(self, batch: dict[str, torch.Tensor]):
         out = self.model(
             batch["input_ids"],
             batch.get("attention_mask"),
             detach_exit=self.settings.loss.detach_exit,
             compute_exit=self.settings.loss.beta_exit > 0 or not self.training,
+            compute_main=not self._skips_full_path(),
         )
         return sgp_loss(
             out.main_logits,
@@ -223,9 +231,11 @@ class KangarooLitModule(L.LightningModule):
         batch_size = batch["input_ids"].shape[0]
         log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", terms.loss, prog_bar=True, **log)
-        self.log("train/loss_main", terms.loss_main, **log)
+        if out.main_logits is not None:
+            self.log("train/loss_main", terms.loss_main, **log)
         if out.exit_logits is not None:
             self.log("train/loss_exit", terms.loss_exit, **log)
+        if out.exit_logits is not None and out.main_logits is not None:
             self.log("train/expected_accept", terms.expected_accept, prog_bar=True, **log)
             self.log("train/top1_agree", terms.top1_agree, **log)
         if "attention_mask" in batch:

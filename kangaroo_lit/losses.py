@@ -88,8 +88,8 @@ def draft_cross_entropy(draft: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def sgp_loss(
-    main_logits: torch.Tensor,
-    exit_logits: torch.Tensor,
+    main_logits: torch.Tensor | None,
+    exit_logits: torch.Tensor | None,
     labels: torch.Tensor,
     beta_exit: float = 0.7,
     exit_loss: ExitLoss = "ce",
@@ -99,7 +99,9 @@ def sgp_loss(
     """``loss = loss_main + beta_exit * loss_exit``.
 
     Args:
-        main_logits: (B, T, V) full-path logits.
+        main_logits: (B, T, V) full-path logits, or None when the full path was skipped (SGP with
+            ``exit_loss="ce"``: then ``loss = beta_exit * loss_exit`` and ``loss_main`` and the agreement
+            metrics are NaN).
         exit_logits: (B, T, V) draft-path logits ((B, T, K) with a restricted head), or None when no
             draft path was run (then ``loss = loss_main`` and the draft metrics are NaN).
         labels: (B, T) token ids, -100 where no loss is taken (unshifted).
@@ -107,6 +109,20 @@ def sgp_loss(
             ``mix`` (``kd_weight * kd + (1 - kd_weight) * ce``).
         draft_vocab: (K,) token ids of a restricted draft head (module docstring), or None.
     """
+    if main_logits is None:
+        if exit_logits is None or exit_loss != "ce":
+            raise ValueError("without main_logits the exit loss must be 'ce' (kd distils the full path)")
+        draft, targets = next_token_targets(exit_logits, labels)
+        if targets.numel() == 0:
+            raise ValueError("batch has no target tokens (every label is -100): check the data's prompt masking")
+        if draft_vocab is None:
+            ce_exit = F.cross_entropy(draft, targets)
+        else:
+            ids = int(max(int(targets.max()), int(draft_vocab.max()))) + 1  # V is unknown without main_logits
+            ce_exit = draft_cross_entropy(draft, draft_targets(targets, draft_vocab, ids))
+        nan = torch.full((), float("nan"), device=draft.device)
+        return LossTerms(loss=beta_exit * ce_exit, loss_main=nan, loss_exit=ce_exit, expected_accept=nan,
+                         top1_agree=nan, num_tokens=torch.tensor(targets.numel(), device=targets.device))
     main, targets = next_token_targets(main_logits, labels)
     if targets.numel() == 0:
         raise ValueError("batch has no target tokens (every label is -100): check the data's prompt masking")

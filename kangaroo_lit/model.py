@@ -571,6 +571,7 @@ class KangarooModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         detach_exit: bool = True,
         compute_exit: bool = True,
+        compute_main: bool = True,
     ) -> TwoPathOutput:
         """Both paths over a batch, right-padded if padded at all.
 
@@ -585,6 +586,8 @@ class KangarooModel(nn.Module):
                 under ``no_grad``, so ``loss_main`` reaches no trainable weight and keeps no activations.
             compute_exit: False skips adapter and exit head (``exit_logits`` is None): plain LoRA
                 fine-tuning of the shallow layers, the baseline of the training benchmark.
+            compute_main: False skips the full path (``main_logits`` is None): with ``detach_exit`` and
+                a label loss nothing trainable depends on it, and it is most of a step's cost.
 
         Returns:
             :class:`TwoPathOutput` with (B, T, V) ``main_logits`` and ``exit_logits`` ((B, T, K) with a
@@ -598,6 +601,8 @@ class KangarooModel(nn.Module):
         draft_shallow = self.shallow(hidden, position_ids, draft=True)
         exit_logits = self.draft_logits(draft_shallow, position_ids) if compute_exit else None
 
+        if not compute_main:
+            return TwoPathOutput(main_logits=None, exit_logits=exit_logits, draft_vocab=self.draft_vocab)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_exit):
             if self.shallow_is_shared:
                 main_shallow = draft_shallow.detach() if detach_exit else draft_shallow

@@ -149,3 +149,33 @@ def test_structure_check_without_state_dict_as_deepspeed_restores(tiny_llama_dir
         module.on_load_checkpoint({SETTINGS_KEY: other})
     with pytest.raises(CheckpointMismatchError, match="holds no 'kangaroo_settings'"):
         module.on_load_checkpoint({"state_dict": {}})
+
+
+@pytest.mark.parametrize("lora_scope", ["draft", "shared"])
+def test_skipping_the_full_path_under_sgp_with_ce_changes_no_update(tiny_llama_dir, lora_scope, monkeypatch):
+    """SGP + exit_loss "ce": training skips the full path (it reaches no trainable weight), same weights after."""
+    from kangaroo_lit.lit_module import KangarooLitModule
+
+    def trained(skip: bool):
+        torch.manual_seed(0)
+        module = make_module(tiny_llama_dir, lora=LoraSettings(rank=4, scope=lora_scope),
+                             loss=LossSettings(detach_exit=True, exit_loss="ce", beta_exit=0.7))
+        calls = []
+        module.model.causal_lm.model.norm.register_forward_hook(lambda *a: calls.append(1))
+        with monkeypatch.context() as m:
+            if not skip:
+                m.setattr(KangarooLitModule, "_skips_full_path", lambda self: False)
+            fit(module, toy_batches())
+        return module, calls
+
+    skipped, skipped_calls = trained(skip=True)
+    full, full_calls = trained(skip=False)
+    assert skipped_calls == [] and len(full_calls) == 3  # the final norm (full path) ran only without the skip
+    assert skipped.train()._skips_full_path() and not skipped.eval()._skips_full_path()  # validation: full path
+    for (name, a), b in zip(skipped.model.named_parameters(), full.model.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+    # kd needs the teacher: never skipped
+    kd = make_module(tiny_llama_dir, loss=LossSettings(exit_loss="kd"))
+    kd.train()
+    assert not kd._skips_full_path()

@@ -44,6 +44,7 @@ def specbench(
     template: Literal["auto", "chat", "vicuna", "instruction"] = "auto",
     subtasks: list[str] | None = None,
     limit: int | None = None,
+    turns: int | None = None,
     methods: list[str] | None = None,
     max_new_tokens: int = 1024,
     temperature: float = 0.0,
@@ -54,6 +55,8 @@ def specbench(
     max_draft: int | None = None,
     pld_num_tokens: int = 10,
     pld_ngram_size: int = 3,
+    prompt_lookup: int = 7,
+    kernel: Literal["eager", "streaming"] = "eager",
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
     device: str = "auto",
     runs: int = 1,
@@ -75,6 +78,7 @@ def specbench(
             template) or instruction (this project's training template, the embedded model's).
         subtasks: some of mt_bench, translation, summarization, qa, math_reasoning, rag (default all).
         limit: the first N questions of each subtask (default all 80).
+        turns: answer only the first N turns of each question (MT-Bench has two; default all).
         methods: some of vanilla, generate, pld, hf_early_exit, kangaroo, early_exit (default all that apply;
             vanilla always runs: it is the baseline).
         max_new_tokens: most tokens per answer (Spec-Bench: 1024); prompts longer than the context minus this are
@@ -89,6 +93,9 @@ def specbench(
         max_draft: most drafts per round, likewise (default the artifact's, else 6).
         pld_num_tokens: prompt lookup: tokens proposed per round (prompt_lookup_num_tokens; Spec-Bench: 10).
         pld_ngram_size: prompt lookup: longest n-gram matched (max_matching_ngram_size; Spec-Bench: 3).
+        prompt_lookup: kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
+        kernel: linear layers over <= 8 rows: eager (``F.linear``) or streaming (the CPU kernel of
+            :mod:`kangaroo_lit.streaming_linear`, float32); every method, the baseline too, decodes with it.
         dtype: dtype of the whole model.
         device: torch device; auto = cuda when available, else cpu.
         runs: repeats of the whole benchmark (mean and std over runs); answers in run_1/, run_2/, ...
@@ -102,10 +109,11 @@ def specbench(
 
     return run_specbench(SpecBenchSettings(
         question_file=question_file, artifact=artifact, base_model=base_model, exit_layer=exit_layer,
-        template=template, subtasks=tuple(subtasks) if subtasks else None, limit=limit,
+        template=template, subtasks=tuple(subtasks) if subtasks else None, limit=limit, turns=turns,
         methods=tuple(methods) if methods else None, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, threshold=threshold, max_draft=max_draft,
-        pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, dtype=dtype, device=device, runs=runs,
+        pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, prompt_lookup=prompt_lookup, kernel=kernel,
+        dtype=dtype, device=device, runs=runs,
         warmup=warmup, threads=threads, out_dir=out_dir, overwrite=overwrite, progress=progress))
 
 

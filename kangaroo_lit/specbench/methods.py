@@ -19,6 +19,9 @@ loop's tokens:
 ``kangaroo``        :class:`~kangaroo_lit.decoding.SelfSpeculativeDecoder` with an exported draft
 ``early_exit``      the same decoder with an untrained adapter (``o_proj`` zero: final norm +
                     ``lm_head`` on ``hidden_states[L + 1]``), when no artifact is given
+``kangaroo_lookup`` the trained draft plus prompt lookup: a round whose last n-gram occurred
+                    earlier in the context copies what followed it (at most ``prompt_lookup``
+                    tokens), else the adapter drafts (:mod:`kangaroo_lit.decoding.prompt_lookup`)
 ==================  ===========================================================================
 
 What HF ``generate`` cannot report: the tokens each target pass produced (``accept_lengths``) are not
@@ -44,7 +47,7 @@ from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, refere
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from kangaroo_lit.model import KangarooModel
 
-METHOD_ORDER = ("vanilla", "generate", "pld", "hf_early_exit", "kangaroo", "early_exit")
+METHOD_ORDER = ("vanilla", "generate", "pld", "hf_early_exit", "kangaroo", "kangaroo_lookup", "early_exit")
 HF_METHODS = ("generate", "pld", "hf_early_exit")
 
 
@@ -203,9 +206,10 @@ def cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
 
 
 def build_methods(model: KangarooModel, eos: list[int], names: list[str], trained: bool, threshold: float,
-                  max_draft: int, pld_num_tokens: int = 10, pld_ngram_size: int = 3) -> list[Method]:
-    """The methods called ``names`` (a subset of :data:`METHOD_ORDER`; ``kangaroo`` needs ``trained``,
-    ``early_exit`` its absence), in the order given."""
+                  max_draft: int, pld_num_tokens: int = 10, pld_ngram_size: int = 3,
+                  prompt_lookup: int = 7) -> list[Method]:
+    """The methods called ``names`` (a subset of :data:`METHOD_ORDER`; ``kangaroo`` and ``kangaroo_lookup``
+    need ``trained``, ``early_exit`` its absence), in the order given."""
     L = model.exit_layer
     draft = f"exit layer {L}, threshold {threshold:g}, max_draft {max_draft}"
     made: dict[str, Any] = {
@@ -223,14 +227,18 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
              "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": threshold}),
         "kangaroo": lambda: DecoderMethod("kangaroo", f"Kangaroo self-speculative, trained draft ({draft})", model,
                                           eos, SelfSpeculativeDecoder(model, threshold=threshold, max_draft=max_draft)),
+        "kangaroo_lookup": lambda: DecoderMethod(
+            "kangaroo_lookup", f"Kangaroo self-speculative + prompt lookup (at most {prompt_lookup} copied tokens, "
+            f"n-grams 3..2), trained draft ({draft})", model, eos,
+            SelfSpeculativeDecoder(model, threshold=threshold, max_draft=max_draft, prompt_lookup=prompt_lookup)),
         "early_exit": lambda: DecoderMethod("early_exit", f"self-speculative, untrained early exit ({draft})", model,
                                             eos, SelfSpeculativeDecoder(model, threshold=threshold,
                                                                         max_draft=max_draft)),
     }
     out = []
     for name in names:
-        if name == "kangaroo" and not trained:
-            raise ValueError("method 'kangaroo' needs a trained draft (--artifact)")
+        if name in ("kangaroo", "kangaroo_lookup") and not trained:
+            raise ValueError(f"method {name!r} needs a trained draft (--artifact)")
         if name == "early_exit" and trained:
             raise ValueError("method 'early_exit' is the untrained draft; with --artifact it is 'kangaroo'")
         out.append(made[name]())

@@ -30,6 +30,7 @@ from kangaroo_lit.specbench import report
 from kangaroo_lit.specbench.conversation import PromptRenderer, Template
 from kangaroo_lit.specbench.methods import METHOD_ORDER, Method, TurnResult, build_methods
 from kangaroo_lit.specbench.questions import Question, load_questions, select_questions
+from kangaroo_lit.streaming_linear import streaming_linears
 
 DEFAULT_BASE_MODEL = "embedded:tiny-llama"
 DEFAULT_EXIT_LAYER = 1  # Kangaroo's "exit at layer 2"; the embedded model's configs/tiny.yaml
@@ -51,6 +52,7 @@ class SpecBenchSettings:
     template: Template
     subtasks: tuple[str, ...] | None
     limit: int | None
+    turns: int | None
     methods: tuple[str, ...] | None
     max_new_tokens: int
     temperature: float
@@ -61,6 +63,8 @@ class SpecBenchSettings:
     max_draft: int | None
     pld_num_tokens: int
     pld_ngram_size: int
+    prompt_lookup: int
+    kernel: str
     dtype: str
     device: str
     runs: int
@@ -84,6 +88,10 @@ class SpecBenchSettings:
             raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.max_draft is not None and self.max_draft < 1:
             raise ConfigError(f"--max_draft must be >= 1, got {self.max_draft}")
+        if self.turns is not None and self.turns < 1:
+            raise ConfigError(f"--turns must be >= 1, got {self.turns}")
+        if self.prompt_lookup < 1:
+            raise ConfigError(f"--prompt_lookup must be >= 1 (tokens), got {self.prompt_lookup}")
         if self.pld_num_tokens < 1 or self.pld_ngram_size < 1:
             raise ConfigError("--pld_num_tokens and --pld_ngram_size must be >= 1")
         if self.exit_layer is not None and self.exit_layer < 0:
@@ -332,21 +340,27 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 "artifact": draft.artifact, "exit_layer": draft.exit_layer, "dtype": s.dtype, "template": s.template,
                 "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                 "seed": s.seed, "threshold": draft.threshold, "max_draft": draft.max_draft,
-                "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size}
+                "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size, "turns": s.turns,
+                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel}
     names = [m for m in METHOD_ORDER if m in (s.methods or METHOD_ORDER)]
-    names = [m for m in names if m != ("early_exit" if draft.artifact else "kangaroo")]
+    untrained = {"early_exit"} if draft.artifact else {"kangaroo", "kangaroo_lookup"}
+    names = [m for m in names if m not in untrained]
     if "vanilla" not in names:
         names.insert(0, "vanilla")  # the baseline every speedup divides by
     check_out_dir(out_dir, settings, s.overwrite)
-    with torch_threads(s.threads or (1 if device.type == "cpu" else None)), quiet_transformers():
+    with (torch_threads(s.threads or (1 if device.type == "cpu" else None)), quiet_transformers(),
+          contextlib.ExitStack() as stack):
         model, tokenizer = load_model(draft, s.dtype, device)
+        patched = stack.enter_context(streaming_linears(model, s.kernel == "streaming"))
+        if patched:
+            print(f"kernel: {patched} linear layers through the streaming kernel (inputs of <= 8 rows)", file=sys.stderr)
         renderer = PromptRenderer(tokenizer, s.template, getattr(model.config, "max_position_embeddings", None),
                                   s.max_new_tokens)
         prepare_out_dir(out_dir, settings, s.overwrite)
         eos = stop_tokens(tokenizer, model)
         methods = build_methods(model, eos, names, trained=draft.artifact is not None, threshold=draft.threshold,
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
-                                pld_ngram_size=s.pld_ngram_size)
+                                pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup)
         conv = Conversations(renderer, tokenizer, s.max_new_tokens, s.sampling, s.seed, device)
         model_id = {m.name: f"{model_name(draft)}-{m.name}-{s.dtype}-temp-{s.temperature:g}" for m in methods}
         done = {run: {m.name: answer_files.read_answers(answer_files.answer_path(out_dir, run, m.name))
@@ -366,7 +380,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 for m in rotated(methods, (run - 1) * len(questions) + i):
                     if q.question_id in done[run][m.name]:
                         continue
-                    texts, results, lengths, cuts = conv.answer(m, q)
+                    texts, results, lengths, cuts = conv.answer(m, q, turns=s.turns)
                     record = answer_files.make_record(q, model_id[m.name], run, texts, results, lengths, cuts)
                     answer_files.append_answer(answer_files.answer_path(out_dir, run, m.name), record)
                     done[run][m.name][q.question_id] = record
