@@ -28,6 +28,7 @@ import torch
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
 from kangaroo_lit.errors import ConfigError, KangarooError, ModelSourceError
+from kangaroo_lit.streaming_linear import streaming_linears
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -57,6 +58,10 @@ class GenerateOptions:
         threshold: second early exit: a draft below this top-1 probability ends the round (Kangaroo: 0.6);
             in [0, 1].
         max_draft: most drafts per round (Kangaroo: 6); >= 1.
+        prompt_lookup: most tokens a round copies from an earlier occurrence of the context's last n-gram
+            (prompt lookup; 0 = off: the adapter drafts every round).
+        kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (a CPU float32 kernel
+            that verifies several tokens for about the price of one; compiled on first use).
         compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
         dtype: dtype of the whole model.
         device: torch device (cpu, cuda, cuda:N); auto = cuda when available, else cpu.
@@ -78,6 +83,8 @@ class GenerateOptions:
     top_k: int = 0
     threshold: float = 0.6
     max_draft: int = 6
+    prompt_lookup: int = 0
+    kernel: Literal["eager", "streaming"] = "eager"
     compare_vanilla: bool = False
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str = "auto"
@@ -105,6 +112,8 @@ class GenerateOptions:
             raise ConfigError(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.prompt_lookup < 0:
+            raise ConfigError(f"--prompt_lookup must be >= 0 (tokens; 0 = off), got {self.prompt_lookup}")
         self._check_device()
 
     def _check_device(self) -> None:
@@ -232,7 +241,7 @@ def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, strea
         printed["text"] = full
 
     decoder = SelfSpeculativeDecoder(model, threshold=opts.threshold, max_draft=opts.max_draft,
-                                     on_round=on_round if stream else None)
+                                     on_round=on_round if stream else None, prompt_lookup=opts.prompt_lookup)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     result = decoder.generate(ids, opts.max_new_tokens, eos, generator=gen, **sampling)
     out: dict[str, Any] = {
@@ -285,6 +294,13 @@ def generate(opts: GenerateOptions) -> int:
     check_prompt_lengths([(where, ids.shape[1]) for (where, _), ids in zip(entries, encoded)], opts.max_new_tokens,
                          getattr(model.config, "max_position_embeddings", None))
     stream = not opts.json and not opts.compare_vanilla
+    with streaming_linears(model, opts.kernel == "streaming"):
+        decode_all(opts, model, tokenizer, encoded, stream)
+    return 0
+
+
+def decode_all(opts: GenerateOptions, model, tokenizer, encoded: list[torch.Tensor], stream: bool) -> None:
+    """Decode each prompt and write its result as soon as it is done."""
     for ids in encoded:
         out = decode_one(opts, model, tokenizer, ids, stream)
         if opts.json:
@@ -296,7 +312,6 @@ def generate(opts: GenerateOptions) -> int:
         sys.stdout.flush()
         if not opts.json:
             print(summary_line(out), file=sys.stderr, flush=True)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -140,8 +141,9 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _streaming_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
     if (1 <= rows <= MAX_ROWS and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-            and x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            and x.device.type == "cpu" and not needs_grad):
         return few_rows_linear(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
@@ -163,7 +165,9 @@ def streaming_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     ok, why = available()
     if not ok:
         raise RuntimeError(f"--kernel streaming: {why}; use the eager kernel")
-    patched = [m for m in model.modules() if type(m) is nn.Linear]
+    # Plain nn.Linear only (peft's LoRA layers call theirs through ``base_layer``), and none whose forward
+    # someone else already replaced on the instance (an offloading hook, say): theirs stays.
+    patched = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
     for m in patched:
         m.forward = types.MethodType(_streaming_forward, m)
     try:

@@ -353,7 +353,8 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
         model, tokenizer = load_model(draft, s.dtype, device)
         patched = stack.enter_context(streaming_linears(model, s.kernel == "streaming"))
         if patched:
-            print(f"kernel: {patched} linear layers through the streaming kernel (inputs of <= 8 rows)", file=sys.stderr)
+            print(f"kernel: {patched} linear layers through the streaming kernel (inputs of <= 8 rows)",
+                  file=sys.stderr)
         renderer = PromptRenderer(tokenizer, s.template, getattr(model.config, "max_position_embeddings", None),
                                   s.max_new_tokens)
         prepare_out_dir(out_dir, settings, s.overwrite)
