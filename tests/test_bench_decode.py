@@ -182,3 +182,18 @@ def test_default_prompts_follow_the_drafts_training_data(tiny_tokenizer):
     assert "What is the capital of France?" in dolly[1] and dolly[1] != "What is the capital of France?"
     assert default_prompt_texts(tiny_tokenizer, {"data_path": "s.jsonl", "format": "text"}) == DEFAULT_TEXT_PROMPTS
     assert default_prompt_texts(tiny_tokenizer, {}) == DEFAULT_TEXT_PROMPTS  # nothing recorded: plain text
+
+
+def test_cost_model_with_streaming_kernel_and_restricted_head(tmp_path):
+    """The options reach the model: the restricted head scores K ids, the kernel is recorded; forced refused."""
+    from kangaroo_lit import streaming_linear
+    from kangaroo_lit.bench.cost_model import cost_model
+    from kangaroo_lit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--forced false"):
+        cost_model(shape="tiny", device="cpu", draft_vocab_size=64)
+    kernel = "streaming" if streaming_linear.available()[0] else "eager"
+    report = cost_model(shape="tiny", device="cpu", context=16, ks=(2,), repeats=2, forced=False,
+                        kernel=kernel, draft_vocab_size=64, out_dir=str(tmp_path))
+    assert report["config"]["kernel"] == kernel and report["config"]["draft_vocab_size"] == 64
+    assert report["layers"][0]["c"] > 0

@@ -68,6 +68,7 @@ def cost_model(
     seed: int = 0,
     threads: int | None = None,
     kernel: Kernel = "eager",
+    draft_vocab_size: int | None = None,
     out_dir: str | None = None,
 ) -> dict[str, Any]:
     """Measure c, v_k and the forced-acceptance speedup; returns the report.
@@ -89,17 +90,21 @@ def cost_model(
         threads: torch CPU threads for the run (default on CPU: 1), restored afterwards.
         kernel: linear layers of <= 8 rows: ``eager`` (``F.linear``) or ``streaming``
             (:mod:`kangaroo_lit.streaming_linear`, CPU float32), for the full step, the draft and verification alike.
+        draft_vocab_size: K of a restricted draft head (``draft.vocab_size``; here the first K token ids, which
+            costs the same as the K most frequent); None = the full vocabulary.
         out_dir: write decode_cost_<shape>_<device>.json and .md here.
     """
     config = dict(locals())
     device = resolve_device(device)
     config["device"] = str(device)
+    if forced and draft_vocab_size is not None:
+        raise ConfigError("--draft_vocab_size needs --forced false: a restricted head cannot be forced to agree")
     if forced and max_draft + 1 not in ks:
         raise ConfigError(f"--ks must include max_draft + 1 = {max_draft + 1} for the prediction")
     results, name = [], None
     with torch_threads(threads or (1 if device.type == "cpu" else None)):
         for layer in as_list(exit_layer):
-            model, name = build_cost_model(shape, base_model, layer, dtype, device, seed)
+            model, name = build_cost_model(shape, base_model, layer, dtype, device, seed, draft_vocab_size)
             print(f"cost model: {name}, exit layer {layer}, {dtype} on {device}, context {context}", file=sys.stderr)
             with streaming_linears(model, kernel == "streaming"):
                 costs = measure_costs(model, context, list(ks), repeats, device, seed)
@@ -129,7 +134,7 @@ def cost_model(
 
 
 def build_cost_model(shape: str, base_model: str | None, exit_layer: int, dtype: str, device: torch.device,
-                     seed: int):
+                     seed: int, draft_vocab_size: int | None = None):
     """(KangarooModel with an untrained adapter, description): random weights born on the device, or a model."""
     from kangaroo_lit.architectures import load_base_model, resolve_dtype
     from kangaroo_lit.model import KangarooModel
@@ -143,7 +148,10 @@ def build_cost_model(shape: str, base_model: str | None, exit_layer: int, dtype:
         with device:
             lm = random_base_model(shape_config(shape), torch_dtype, seed=seed)
         name = f"random {shape}"
-    model = KangarooModel(lm, exit_layer, trainable_dtype=torch_dtype)
+    if draft_vocab_size is not None and not 0 < draft_vocab_size <= lm.config.vocab_size:
+        raise ConfigError(f"--draft_vocab_size must be in 1..{lm.config.vocab_size}, got {draft_vocab_size}")
+    draft_vocab = None if draft_vocab_size is None else torch.arange(draft_vocab_size)
+    model = KangarooModel(lm, exit_layer, trainable_dtype=torch_dtype, draft_vocab=draft_vocab)
     return model.to(device).eval().requires_grad_(False), name
 
 
