@@ -168,7 +168,8 @@ class RequiresGradWatcher(L.Callback):
 
 def test_lora_switch_never_changes_requires_grad_during_a_fit(tiny_llama_dir):
     """Draft-scoped LoRA switches LoRA off for the full path in every forward: the trainable set stays put."""
-    module = make_module(tiny_llama_dir, lora=LoraSettings(rank=4, scope="draft"))
+    # kd: the full path runs in training (with a label loss SGP skips it, and the switch with it)
+    module = make_module(tiny_llama_dir, lora=LoraSettings(rank=4, scope="draft"), loss=LossSettings(exit_loss="kd"))
     initial = frozenset(n for n, p in module.named_parameters() if p.requires_grad)
     watcher = RequiresGradWatcher()
     fit(module, toy_batches(3), max_steps=3, callbacks=[watcher])
