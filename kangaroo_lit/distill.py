@@ -8,7 +8,9 @@ row), and written back as a Dolly row whose ``response`` is the model's answer.
 
 Rows are generated in left-padded batches and appended to the output one batch at a time (flushed), so
 an interrupted run resumes where it stopped: finished ``(source_row, sample)`` pairs are skipped and a
-truncated last line is dropped and redone. Never distill on an evaluation set (Spec-Bench's questions
+truncated last line is dropped and redone. Once every row is answered the file is rewritten in source
+order (by ``(source_row, sample)``, atomically), so a data split by row position holds out the same
+instructions in the distilled file as in the source file. Never distill on an evaluation set (Spec-Bench's questions
 are the test set).
 """
 
@@ -165,7 +167,22 @@ def distill(
             f.flush()
             written += len(batch)
             bar.update(len(batch))
+    sort_by_source_row(out)
     return written
+
+
+def sort_by_source_row(out_path: Path) -> None:
+    """Rewrite ``out_path`` ordered by ``(source_row, sample)`` (write beside, fsync, rename: never half-written)."""
+    import os
+
+    lines = [line for line in out_path.read_bytes().split(b"\n") if line.strip()]
+    keyed = sorted(lines, key=lambda line: (lambda r: (int(r["source_row"]), int(r["sample"])))(json.loads(line)))
+    tmp = out_path.with_name(out_path.name + ".partial")
+    with tmp.open("wb") as f:
+        f.write(b"".join(line + b"\n" for line in keyed))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
 
 
 def main(argv: list[str] | None = None) -> int:

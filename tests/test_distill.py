@@ -23,6 +23,7 @@ def test_rows_are_dolly_rows_with_the_models_own_greedy_answer(tmp_path, tiny_ll
                    use_chat_template=False) == 3
     assert len(load_file_rows(out, "dolly", "error")) == 3  # parses as Dolly rows
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source_row"] for r in rows] == [0, 1, 2]  # source order (generated longest prompt first)
     source = load_file_rows(ROWS, "dolly", "error")
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = load_base_model(str(tiny_llama_dir), "float32")
@@ -53,7 +54,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, tiny_llama_dir, one_
     def by_pair(path):
         return {(r["source_row"], r["sample"]): r["response"] for r in map(json.loads, path.read_text().splitlines())}
 
-    assert by_pair(interrupted).keys() == by_pair(straight).keys()
+    assert list(by_pair(interrupted)) == list(by_pair(straight)) == sorted(by_pair(straight))  # source order
     assert len(by_pair(straight)) == 10
     # seeded per batch, so the redone batches sample the same answers as the uninterrupted run
     same = sum(by_pair(interrupted)[k] == v for k, v in by_pair(straight).items())
