@@ -107,7 +107,10 @@ def _build() -> tuple[object | None, str]:
             name="kangaroo_streaming_linear",
             cpp_sources=[_CPP_SOURCE],
             functions=["few_rows_linear"],
-            extra_cflags=["-O3", "-mavx2", "-mfma"],
+            # -fopenmp: ATen's parallel_for is an OpenMP pragma in the header; without it the kernel runs on
+            # one thread whatever torch.get_num_threads() says
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as err:  # no compiler / ninja / headers: eager stays, with the reason
