@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kangaroo_lit.errors import ConfigError
+
 Kernel = Literal["eager", "streaming"]  # the choice commands offer (``--kernel``)
 MAX_ROWS = 8  # windows of up to 8 tokens (max_draft 7 + the bonus position); more rows use eager
 
@@ -160,14 +162,14 @@ def streaming_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     original forwards on exit.
 
     Raises:
-        RuntimeError: enabled but the kernel cannot be built here (the message says why).
+        ConfigError: enabled but the kernel cannot be built here (the message says why).
     """
     if not enabled:
         yield 0
         return
     ok, why = available()
     if not ok:
-        raise RuntimeError(f"--kernel streaming: {why}; use the eager kernel")
+        raise ConfigError(f"--kernel streaming: {why}; use --kernel eager")
     # Plain nn.Linear only (peft's LoRA layers call theirs through ``base_layer``), and none whose forward
     # someone else already replaced on the instance (an offloading hook, say): theirs stays.
     patched = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]

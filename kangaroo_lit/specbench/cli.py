@@ -79,8 +79,8 @@ def specbench(
         subtasks: some of mt_bench, translation, summarization, qa, math_reasoning, rag (default all).
         limit: the first N questions of each subtask (default all 80).
         turns: answer only the first N turns of each question (MT-Bench has two; default all).
-        methods: some of vanilla, generate, pld, hf_early_exit, kangaroo, early_exit (default all that apply;
-            vanilla always runs: it is the baseline).
+        methods: some of vanilla, generate, pld, hf_early_exit, kangaroo, kangaroo_lookup, early_exit (default
+            all that apply; vanilla always runs: it is the baseline).
         max_new_tokens: most tokens per answer (Spec-Bench: 1024); prompts longer than the context minus this are
             cut from the left and counted.
         temperature: 0 = greedy (Spec-Bench's setting), else sampling at this temperature (outputs are then not
