@@ -196,4 +196,5 @@ def test_cost_model_with_streaming_kernel_and_restricted_head(tmp_path):
     report = cost_model(shape="tiny", device="cpu", context=16, ks=(2,), repeats=2, forced=False,
                         kernel=kernel, draft_vocab_size=64, out_dir=str(tmp_path))
     assert report["config"]["kernel"] == kernel and report["config"]["draft_vocab_size"] == 64
-    assert report["layers"][0]["c"] > 0
+    with pytest.raises(ConfigError, match="draft_vocab_size must be in 1..512"):  # the tiny shape's vocabulary
+        cost_model(shape="tiny", device="cpu", forced=False, draft_vocab_size=10**6)
