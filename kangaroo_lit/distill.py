@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,260 @@ def distill(
     return written
 
 
+REQUESTS_FILE = "requests.jsonl"
+ANSWERS_FILE = "answers.jsonl"
+MANIFEST_FILE = "manifest.json"
+# Settings that change which requests are written or how they are answered: a resume must match them.
+_SELF_INSTRUCT_SETTINGS = ("base_model", "system", "categories", "temperature", "top_p", "batch_size",
+                           "answer_max_new_tokens", "seed", "dtype")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of ``path`` (plain or ``.gz``); a torn last line (an interrupted append) is dropped."""
+    import gzip
+
+    if not path.exists():
+        return []
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if number < len(lines):
+                raise DataError(f"{path}, line {number}: not valid JSON ({err}); fix or remove it") from err
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` atomically (gzip with a fixed mtime when the name ends in ``.gz``)."""
+    import gzip
+    import os
+
+    data = b"".join(json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows)
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _restore(out_dir: Path, name: str) -> list[dict]:
+    """The rows of ``name`` in ``out_dir``, taken from its ``.gz`` snapshot when that holds more.
+
+    The plain file is the working copy (appended to, not committed); the snapshot is what a repository
+    keeps, so a fresh clone resumes from it.
+    """
+    plain, packed = out_dir / name, out_dir / (name + ".gz")
+    rows, snapshot = _read_jsonl(plain), _read_jsonl(packed)
+    if len(snapshot) > len(rows):
+        rows = snapshot
+    _write_jsonl(plain, rows)  # drops a torn last line, so appends start on a clean line
+    return rows
+
+
+def self_instruct(
+    base_model: str,
+    out_dir: str,
+    count: int,
+    categories: list[str] | None = None,
+    system: str = "",
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    answer_max_new_tokens: int = 256,
+    batch_size: int = 16,
+    seed: int = 0,
+    threads: int | None = None,
+    dtype: str = "float32",
+    snapshot_every: int = 100,
+    duplicate_threshold: float = 0.7,
+) -> int:
+    """Write ``count`` instructions with the model itself and answer them with it (Magpie).
+
+    Rounds of ``batch_size`` requests, each round one category (cycled): the model continues its chat
+    template's opening of a user turn (the category's hint in the system prompt, one of its openings
+    in the user turn) at ``temperature``/``top_p``; requests are filtered (:func:`reject_reason`) and
+    de-duplicated against every kept one (exact and near, :class:`DuplicateIndex`); kept ones are
+    answered greedily in batches, rendered exactly as training renders a row (the chat template).
+
+    Files in ``out_dir``: ``requests.jsonl`` (every candidate with its status), ``answers.jsonl`` (Dolly
+    rows, ``source_row`` = request id), their ``.gz`` snapshots every ``snapshot_every`` answers and at
+    the end (the files to commit; train on ``answers.jsonl.gz``), ``manifest.json`` (the settings) and
+    ``stats.json`` (rejections, diversity, throughput). Interrupted, it resumes: from the plain files, or
+    from the snapshots on a fresh clone; a round cut in the middle is redone from its seed.
+
+    Args:
+        base_model: HF name, local directory or short name; a chat model (a base model works with the
+            plain instruction template, with weaker requests).
+        out_dir: the output directory (created; resumed when it holds a manifest).
+        count: answered instructions to reach (a resumed run continues up to it).
+        categories: names from ``self_instruct.CATEGORIES`` (default: all).
+        system: the system prompt before each hint ("" = ``self_instruct.DEFAULT_SYSTEM``).
+        temperature: sampling temperature of the requests.
+        top_p: nucleus mass of the requests.
+        answer_max_new_tokens: longest answer (greedy).
+        batch_size: requests per round, and answers per batch.
+        seed: base seed; round r samples with ``seed * 1_000_003 + r``.
+        threads: torch CPU threads (default: the project's rule).
+        dtype: model dtype.
+        snapshot_every: answers between snapshots.
+        duplicate_threshold: word-3-gram Jaccard similarity from which a request is a near duplicate.
+
+    Returns:
+        The number of answers written by this call.
+    """
+    import random
+    import time
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from kangaroo_lit.architectures import load_base_model
+    from kangaroo_lit.data.self_instruct import (
+        CATEGORIES,
+        DEFAULT_SYSTEM,
+        DuplicateIndex,
+        diversity,
+        query_prefix,
+        reject_reason,
+    )
+    from kangaroo_lit.data.tokenize import RowEncoder
+    from kangaroo_lit.embedded import resolve_path
+    from kangaroo_lit.threads import set_threads_for
+
+    categories = list(categories or CATEGORIES)
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise ConfigError(f"unknown self-instruct categories {unknown}; allowed: {sorted(CATEGORIES)}")
+    if count < 1 or batch_size < 1 or answer_max_new_tokens < 1 or snapshot_every < 1:
+        raise ConfigError("count, batch_size, answer_max_new_tokens and snapshot_every must be >= 1")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0 to sample different requests, got {temperature}")
+    system = system or DEFAULT_SYSTEM
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"base_model": base_model, "system": system, "categories": categories, "temperature": temperature,
+                "top_p": top_p, "batch_size": batch_size, "answer_max_new_tokens": answer_max_new_tokens,
+                "seed": seed, "dtype": dtype}
+    manifest = out / MANIFEST_FILE
+    if manifest.exists():
+        before = json.loads(manifest.read_text())
+        changed = [k for k in _SELF_INSTRUCT_SETTINGS if before.get(k) != settings[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
+            raise ConfigError(f"{out} was written with other settings ({diff}); "
+                              "use another out_dir or the same settings")
+    else:
+        manifest.write_text(json.dumps(settings, indent=2) + "\n")
+
+    path = resolve_path(base_model)
+    set_threads_for(path, threads)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_base_model(path, dtype)
+    encoder = RowEncoder(tokenizer, max_length=2**31 - 1, use_chat_template=True)
+    add_special = not encoder.use_chat_template
+
+    # Resume: complete rounds only (a round's candidates are appended in one write, but be safe).
+    requests = _restore(out, REQUESTS_FILE)
+    per_round = Counter(r["id"] // batch_size for r in requests)
+    requests = [r for r in requests if per_round[r["id"] // batch_size] == batch_size]
+    _write_jsonl(out / REQUESTS_FILE, requests)
+    answers = _restore(out, ANSWERS_FILE)
+    answered = {a["source_row"] for a in answers}
+    index = DuplicateIndex(duplicate_threshold)
+    pending = []
+    for r in requests:
+        if r["status"] == "kept":
+            index.add(r["instruction"])
+            if r["id"] not in answered:
+                pending.append(r)
+    next_round = max(per_round, default=-1) + 1 if requests else 0
+    reasons = Counter(r["status"] for r in requests)
+    written = 0
+    generator = {"base_model": base_model, "temperature": 0.0, "max_new_tokens": answer_max_new_tokens,
+                 "requests": {"temperature": temperature, "top_p": top_p, "seed": seed}}
+    start_time, new_tokens = time.perf_counter(), 0
+
+    def snapshot() -> None:
+        _write_jsonl(out / (REQUESTS_FILE + ".gz"), requests)
+        _write_jsonl(out / (ANSWERS_FILE + ".gz"), answers)
+        kept = [r for r in requests if r["status"] == "kept"]
+        elapsed = time.perf_counter() - start_time
+        stats = {"answers": len(answers), "candidates": len(requests), "status": dict(sorted(reasons.items())),
+                 "requests": diversity([r["instruction"] for r in kept], [r["category"] for r in kept]),
+                 "answer_tokens": sum(a["new_tokens"] for a in answers),
+                 "this_run": {"seconds": round(elapsed, 1), "answers": written,
+                              "answer_tokens_per_s": round(new_tokens / elapsed, 2) if elapsed else None}}
+        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+    last_snapshot = len(answers)
+    with (out / REQUESTS_FILE).open("a") as req_file, (out / ANSWERS_FILE).open("a") as ans_file, \
+            tqdm(total=count, initial=min(len(answers), count), desc="self-instruct", unit="answer",
+                 file=sys.stderr) as bar:
+        while len(answers) < count:
+            if len(pending) < batch_size and len(answers) + len(pending) < count:
+                category = CATEGORIES[categories[next_round % len(categories)]]
+                rng = random.Random(seed * 1_000_003 + next_round)
+                hint = f"{system} {category.hint}".strip()
+                openings = [rng.choice(category.openings) for _ in range(batch_size)]
+                prefixes = [query_prefix(tokenizer, hint, opening) for opening in openings]
+                chat = prefixes[0][1]
+                texts = answer_batch(model, tokenizer, [p for p, _ in prefixes], not chat, category.max_new_tokens,
+                                     temperature, top_p, seed * 1_000_003 + next_round)
+                lines = []
+                for j, (opening, (text, n_new)) in enumerate(zip(openings, texts)):
+                    # An opening is part of the request; the model's text continues it.
+                    joined = opening + text if not opening or text[:1] in ",.:;!?" else f"{opening} {text}"
+                    instruction = joined.strip()
+                    cut_off = n_new >= category.max_new_tokens
+                    status = reject_reason(instruction, cut_off) or index.duplicate_of(instruction)
+                    row = {"id": next_round * batch_size + j, "category": category.name, "opening": opening,
+                           "instruction": instruction, "status": status or "kept", "new_tokens": n_new}
+                    if status is None:
+                        index.add(instruction)
+                        pending.append(row)
+                    reasons[row["status"]] += 1
+                    lines.append(row)
+                requests.extend(lines)
+                req_file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+                req_file.flush()
+                next_round += 1
+                bar.set_postfix(kept=f"{reasons['kept']}/{len(requests)}", round=next_round)
+                continue
+            batch = pending[: min(batch_size, count - len(answers))]
+            pending = pending[len(batch):]
+            prompts = [encoder.render({"instruction": r["instruction"], "context": "", "response": ""})[0]
+                       for r in batch]
+            replies = answer_batch(model, tokenizer, prompts, add_special, answer_max_new_tokens, 0.0, 1.0, seed)
+            rows = []
+            for r, (text, n_new) in zip(batch, replies):
+                if not text:
+                    continue  # an empty answer teaches nothing (the row validator would refuse it too)
+                rows.append({"instruction": r["instruction"], "context": "", "response": text,
+                             "category": r["category"], "source_row": r["id"], "sample": 0, "new_tokens": n_new,
+                             "hit_max_new_tokens": n_new >= answer_max_new_tokens, "generator": generator})
+                new_tokens += n_new
+            answers.extend(rows)
+            ans_file.write("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in rows))
+            ans_file.flush()
+            written += len(rows)
+            bar.update(len(rows))
+            elapsed = time.perf_counter() - start_time
+            bar.set_postfix(kept=f"{reasons['kept']}/{len(requests)}", tok_s=f"{new_tokens / elapsed:.1f}")
+            if len(answers) - last_snapshot >= snapshot_every:
+                snapshot()
+                last_snapshot = len(answers)
+    snapshot()
+    return written
+
+
 def sort_by_source_row(out_path: Path) -> None:
     """Rewrite ``out_path`` ordered by ``(source_row, sample)`` (write beside, fsync, rename: never half-written)."""
     import os
@@ -196,5 +451,35 @@ def main(argv: list[str] | None = None) -> int:
     except KangarooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {written} rows", file=sys.stderr)
+    out = _out_path_of(argv)
+    print(f"wrote {written} rows to {out}; train on them with --data.data_path {out}", file=sys.stderr)
+    return 0
+
+
+def _out_path_of(argv: list[str] | None) -> str:
+    """The ``--out_path``/``--out_dir`` value of a command line (for the closing summary)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        for flag in ("--out_path", "--out_dir"):
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+    return "the output file"
+
+
+def main_self_instruct(argv: list[str] | None = None) -> int:
+    """``kangaroo-lit self_instruct``: instructions written and answered by the model (``--help``)."""
+    import jsonargparse
+
+    from kangaroo_lit.errors import KangarooError
+
+    try:
+        written = jsonargparse.CLI(self_instruct, args=argv, as_positional=False)
+    except KangarooError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(_out_path_of(argv))
+    print(f"wrote {written} answers to {out / ANSWERS_FILE} (snapshot {out / (ANSWERS_FILE + '.gz')}, statistics "
+          f"{out / 'stats.json'}); train on them with --data.data_path {out / (ANSWERS_FILE + '.gz')}", file=sys.stderr)
     return 0

@@ -80,3 +80,74 @@ def exported_artifact(model_dir, root, **make_module_kw):
 
     module, ckpt = trained_checkpoint(model_dir, root, **make_module_kw)
     return module, ckpt, export_checkpoint(ckpt, root / "artifact")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding: a draft hook, the small exactly-enumerable model of the sampling tests, and their distance
+
+
+def noisy_oracle(reference: list[int], prompt_length: int, seed: int, p_agree: float = 0.75):
+    """Draft hook: the true next token with probability ``p_agree`` (confidence varies), else a wrong one."""
+    import random
+
+    rng = random.Random(seed)
+
+    def hook(logits: torch.Tensor, position: int) -> torch.Tensor:
+        logits = logits.clone()
+        target = reference[position - prompt_length]
+        if rng.random() < p_agree:
+            logits[:, target] = logits.max() + 0.1 + rng.uniform(0.0, 4.0)
+        elif int(logits.argmax()) == target:
+            logits[:, target] = logits.min() - 1.0
+        return logits
+
+    return hook
+
+
+# Expected TV of 3000 exact draws over 27 outcomes is about 0.03.
+SAMPLING_TV_BOUND = 0.07
+
+
+def build_small_model(mode: str = "off", draft_vocab: torch.Tensor | None = None):
+    """2 layers, vocabulary 12, exit layer 0, float64; the untrained draft is accepted about 60% of the time (off)."""
+    from transformers import AutoModelForCausalLM
+
+    from kangaroo_lit.model import KangarooModel
+    from kangaroo_lit.tiny import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=12, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+    base.requires_grad_(False)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(10.0)  # peaked enough that the top-k tokens are not equiprobable
+    lora = None if mode == "off" else LoraSettings(rank=2, dropout=0.0, scope=mode)
+    model = KangarooModel(base, exit_layer=0, lora=lora, trainable_dtype=torch.float64, draft_vocab=draft_vocab).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def exact_distribution(model, prompt: list[int], sampling, first: int) -> dict[tuple[int, ...], float]:
+    """P(first ``first`` tokens after ``prompt``) under the verifying model, enumerating the warped support."""
+    from kangaroo_lit.decoding import probabilities
+
+    dist: dict[tuple[int, ...], float] = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(first):
+            grown = {}
+            for prefix, mass in dist.items():
+                probs = probabilities(model.full_logits(torch.tensor([prompt + list(prefix)]))[0, -1], sampling)
+                for tok in probs.nonzero().flatten().tolist():
+                    grown[prefix + (tok,)] = mass * float(probs[tok])
+            dist = grown
+    return dist
+
+
+def total_variation(counts, exact: dict[tuple[int, ...], float]) -> float:
+    """Total variation between empirical ``counts`` (a Counter) and an exact distribution."""
+    total = sum(counts.values())
+    keys = set(counts) | set(exact)
+    return 0.5 * sum(abs(counts[k] / total - exact.get(k, 0.0)) for k in keys)

@@ -15,6 +15,7 @@ import torch
 
 from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, VanillaDecoder
 from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
+from tests.helpers import noisy_oracle
 
 MODES = ["off", "draft", "shared"]  # LoRA off, lora_scope "draft", lora_scope "shared"
 SETTINGS = [(t, m) for t in (0.0, 0.6, 1.0) for m in (1, 6)]  # (threshold, max_draft)
@@ -44,22 +45,6 @@ def build_restricted_model(model_dir, exit_layer: int, mode: str, seed: int, k: 
         o_proj = model.adapter.self_attn.o_proj.weight
         o_proj.copy_(torch.randn(o_proj.shape, generator=gen, dtype=o_proj.dtype) * 0.02)
     return model.eval()
-
-
-def noisy_oracle(reference: list[int], prompt_length: int, seed: int, p_agree: float = 0.75):
-    """Draft hook: the true next token with probability ``p_agree`` (confidence varies), else a wrong one."""
-    rng = random.Random(seed)
-
-    def hook(logits: torch.Tensor, position: int) -> torch.Tensor:
-        logits = logits.clone()
-        target = reference[position - prompt_length]
-        if rng.random() < p_agree:
-            logits[:, target] = logits.max() + 0.1 + rng.uniform(0.0, 4.0)
-        elif int(logits.argmax()) == target:
-            logits[:, target] = logits.min() - 1.0
-        return logits
-
-    return hook
 
 
 def random_prompt(rng: random.Random, vocab: int) -> torch.Tensor:

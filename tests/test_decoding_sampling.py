@@ -10,20 +10,20 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from kangaroo_lit.architectures import load_base_model
 from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, probabilities
 from kangaroo_lit.decoding.sampling import SamplingConfig
-from kangaroo_lit.model import KangarooModel, LoraSettings
-from kangaroo_lit.tiny import tiny_config
+from kangaroo_lit.model import KangarooModel
+from tests import helpers
+from tests.helpers import SAMPLING_TV_BOUND, build_small_model, total_variation
 
 PROMPT = [1, 5, 7]
 TOP_K = 3
 FIRST = 3  # tokens whose joint distribution is compared
 NEW_TOKENS = 4  # > FIRST, so the first round drafts two tokens (budget cap: remaining - 1)
 MAX_DRAFT = 2
-BOUND = 0.07  # expected TV of 3000 exact draws over 27 outcomes is about 0.03
+BOUND = SAMPLING_TV_BOUND
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,49 +34,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DRAFT_VOCAB = torch.tensor([0, 2, 3, 5, 7, 10])
 
 
-def build_small_model(mode: str = "off", draft_vocab: torch.Tensor | None = None) -> KangarooModel:
-    """2 layers, vocabulary 12, exit layer 0; the untrained draft is accepted about 60% of the time (off)."""
-    torch.manual_seed(0)
-    config = tiny_config("llama", vocab_size=12, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
-    base.requires_grad_(False)
-    with torch.no_grad():
-        base.lm_head.weight.mul_(10.0)  # peaked enough that the top-k tokens are not equiprobable
-    lora = None if mode == "off" else LoraSettings(rank=2, dropout=0.0, scope=mode)
-    model = KangarooModel(base, exit_layer=0, lora=lora, trainable_dtype=torch.float64, draft_vocab=draft_vocab).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def small_model():
     return build_small_model()
 
 
-def exact_distribution(
-    model: KangarooModel, sampling: SamplingConfig, first: int = FIRST
-) -> dict[tuple[int, ...], float]:
-    """P(first ``first`` tokens) under the verifying model, by enumerating the warped support."""
-    dist: dict[tuple[int, ...], float] = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(first):
-            grown = {}
-            for prefix, mass in dist.items():
-                ids = torch.tensor([PROMPT + list(prefix)])
-                probs = probabilities(model.full_logits(ids)[0, -1], sampling)
-                for tok in probs.nonzero().flatten().tolist():
-                    grown[prefix + (tok,)] = mass * float(probs[tok])
-            dist = grown
-    return dist
-
-
-def total_variation(counts: Counter, exact: dict[tuple[int, ...], float]) -> float:
-    total = sum(counts.values())
-    keys = set(counts) | set(exact)
-    return 0.5 * sum(abs(counts[k] / total - exact.get(k, 0.0)) for k in keys)
+def exact_distribution(model, sampling: SamplingConfig, first: int = FIRST) -> dict[tuple[int, ...], float]:
+    """P(first ``first`` tokens after PROMPT) under the verifying model."""
+    return helpers.exact_distribution(model, PROMPT, sampling, first)
 
 
 class AlwaysAccept(SelfSpeculativeDecoder):

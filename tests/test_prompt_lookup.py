@@ -16,8 +16,8 @@ from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, probabiliti
 from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
-from tests.test_decoding_greedy import noisy_oracle
-from tests.test_decoding_sampling import BOUND, build_small_model, total_variation
+from tests.helpers import SAMPLING_TV_BOUND as BOUND
+from tests.helpers import build_small_model, noisy_oracle, total_variation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -146,8 +146,11 @@ def _decode_json_line(raw: bytes) -> Any:
 
 
 def iter_json_lines(path: Path) -> Iterator[tuple[Location, Any]]:
-    """Yield ``(location, decoded record)`` for every non-blank line of a JSON-lines file."""
-    with open(path, "rb") as f:
+    """Yield ``(location, decoded record)`` for every non-blank line of a JSON-lines file (``.gz``: gzipped)."""
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if raw.strip():
                 yield Location(str(path), line=line_no), _decode_json_line(raw)
@@ -197,7 +200,7 @@ def iter_text_documents(path: Path) -> Iterator[tuple[Location, Any]]:
 
 
 def iter_file_records(path: str | Path, data_format: DataFormat) -> Iterator[tuple[Location, Any]]:
-    """Dispatch on the file suffix: ``.jsonl``, ``.json`` or (text format only) ``.txt``.
+    """Dispatch on the file suffix: ``.jsonl`` (or ``.jsonl.gz``), ``.json`` or (text format only) ``.txt``.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -207,13 +210,13 @@ def iter_file_records(path: str | Path, data_format: DataFormat) -> Iterator[tup
     if not path.is_file():
         raise DataFileNotFound(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix == ".jsonl" or path.name.lower().endswith(".jsonl.gz"):
         return iter_json_lines(path)
     if suffix == ".json":
         return iter_json_file(path)
     if suffix == ".txt" and data_format == "text":
         return iter_text_documents(path)
-    allowed = ".json, .jsonl" + (", .txt" if data_format == "text" else "")
+    allowed = ".json, .jsonl, .jsonl.gz" + (", .txt" if data_format == "text" else "")
     raise DataError(f"{path}: unsupported file type {suffix!r} for format={data_format!r} (use {allowed})")
 
 

@@ -13,12 +13,13 @@ One round (DESIGN.md §3), with ``x`` the last committed token, not yet in any c
    one token of the full model (the correction, or the bonus when every draft is accepted).
 4. Roll every cache back to the committed length.
 
-Prompt lookup (``prompt_lookup`` N > 0): a round whose last committed n-gram occurred earlier in the
-context drafts the (at most N) tokens that followed it instead of running the draft path; verification
-is the same pass. Those tokens have not been through the draft path, so they join the *pending* tokens
-(below) that enter it with the next adapter round's first step. Sampling stays exact: a copied token is
-a draft from a point mass ``q`` (accepted with probability ``p(d)``, else resampled from ``p`` without
-``d``).
+Where the drafts come from is a :class:`~kangaroo_lit.decoding.drafters.Drafter`: the adapter (steps 1
+above), prompt lookup (a round whose last committed n-gram occurred earlier in the context drafts the
+tokens that followed it; no match: a plain one-token step), or lookup where it matches and the adapter
+otherwise. Verification, acceptance, rollback and emission are written once here for all of them.
+Copied tokens have not been through the draft path, so they join the *pending* tokens (below) that
+enter it with the next adapter round's first step. Sampling stays exact: a copied token is a draft from
+a point mass ``q`` (accepted with probability ``p(d)``, else resampled from ``p`` without ``d``).
 
 A restricted draft head (``draft.vocab_size`` K) gives (B, K) draft logits over ``model.draft_vocab``:
 greedy takes the argmax over K and maps it to its token id; sampling warps and normalises over K, then
@@ -52,8 +53,8 @@ import torch
 from transformers import DynamicCache
 
 from kangaroo_lit.decoding.common import check_inputs, eos_set, synchronize
+from kangaroo_lit.decoding.drafters import DecodingState, Drafter, DraftLogitsFn, Proposal, make_drafter, positions
 from kangaroo_lit.decoding.kv_cache import cache_length, crop_layers
-from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
 from kangaroo_lit.decoding.result import DecodeResult
 from kangaroo_lit.decoding.sampling import SamplingConfig, choose, probabilities, rejection_sample
 from kangaroo_lit.model import KangarooModel
@@ -87,34 +88,12 @@ class RoundInfo:
     lookup: bool = False
 
 
-# (B, V) draft logits, absolute position of the token being drafted -> (B, V) logits to draft from.
-# (With a restricted draft head the hook sees them scattered to V, -inf outside the draft vocabulary.)
-DraftLogitsFn = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-@dataclass
-class _State:
-    """Decoding state; every tensor keeps a batch dimension so the state could grow to batch > 1.
-
-    Attributes:
-        caches: one cache per segment (see the module docstring).
-        committed: (B, n) prompt + generated ids; the last one is in no cache yet.
-        pending_ids: (B, m) ids whose draft shallow step is still to run (scope "draft").
-        pending_hidden: (B, m, d) draft-path shallow states the adapter has not seen yet (shared scope).
-    """
-
-    caches: dict[str, DynamicCache]
-    committed: torch.Tensor
-    pending_ids: torch.Tensor
-    pending_hidden: torch.Tensor
-
-
 class SelfSpeculativeDecoder:
     """Kangaroo self-speculative decoding on a :class:`KangarooModel` (batch size 1).
 
     The output is that of the verifying model (DESIGN.md §2: the untouched base for ``lora_scope="draft"``
     or without LoRA, the LoRA model for ``"shared"``): token-identical to its greedy decoding, or
-    distributed exactly like its sampling.
+    distributed exactly like its sampling, whatever the drafter.
 
     Args:
         model: the model, in eval mode.
@@ -125,9 +104,10 @@ class SelfSpeculativeDecoder:
             position before the draft token (and its confidence) is chosen from them.
         on_round: debug hook called with a :class:`RoundInfo` after the prefill and after every round.
         prompt_lookup: most tokens a round drafts by prompt lookup when the context's last n-gram
-            occurred before (0: off, the adapter drafts every round). ``prompt_lookup + 1 <= 8`` keeps
-            verification within :mod:`kangaroo_lit.streaming_linear`'s rows.
+            occurred before (0: off, the adapter drafts every round).
         prompt_lookup_ngram: ``(min, max)`` n-gram sizes matched (the longest match wins).
+        drafter: where drafts come from, a :class:`~kangaroo_lit.decoding.drafters.Drafter`; default
+            (None) is built from the arguments above by :func:`~kangaroo_lit.decoding.drafters.make_drafter`.
     """
 
     def __init__(
@@ -139,22 +119,12 @@ class SelfSpeculativeDecoder:
         on_round: Callable[[RoundInfo], None] | None = None,
         prompt_lookup: int = 0,
         prompt_lookup_ngram: tuple[int, int] = (2, 3),
+        drafter: Drafter | None = None,
     ) -> None:
-        if prompt_lookup < 0:
-            raise ValueError(f"prompt_lookup must be >= 0 (tokens; 0 = off), got {prompt_lookup}")
-        if not 1 <= prompt_lookup_ngram[0] <= prompt_lookup_ngram[1]:
-            raise ValueError(f"prompt_lookup_ngram must be (min, max) with 1 <= min <= max, got {prompt_lookup_ngram}")
-        if max_draft < 1:
-            raise ValueError(f"max_draft must be >= 1, got {max_draft}")
-        if threshold < 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.model = model
-        self.threshold = threshold
-        self.max_draft = max_draft
-        self.draft_logits_fn = draft_logits_fn
         self.on_round = on_round
-        self.prompt_lookup = prompt_lookup
-        self.prompt_lookup_ngram = tuple(prompt_lookup_ngram)
+        self.drafter = drafter or make_drafter("adapter", threshold, max_draft, prompt_lookup,
+                                               tuple(prompt_lookup_ngram), draft_logits_fn)
 
     # ----------------------------------------------------------------------------------------------
     # Segments
@@ -173,10 +143,6 @@ class SelfSpeculativeDecoder:
             "deep": self._deep_layers,
             "adapter": range(1),
         }[name]
-
-    def _positions(self, start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
-        """(B, length) absolute positions ``start..start+length-1`` (no padding at batch size 1)."""
-        return torch.arange(start, start + length, device=device).expand(batch, length)
 
     # ----------------------------------------------------------------------------------------------
     # Overridable steps
@@ -251,28 +217,28 @@ class SelfSpeculativeDecoder:
             result.wall_time_s = time.perf_counter() - start
         return result
 
-    def _prefill(self, input_ids, sampling, generator, result, eos, max_new_tokens) -> _State:
+    def _prefill(self, input_ids, sampling, generator, result, eos, max_new_tokens) -> DecodingState:
         """The prompt through the full path, filling every cache; the first token from its last logits."""
         model = self.model
         batch, length = input_ids.shape
-        positions = self._positions(0, length, batch, input_ids.device)
+        where = positions(0, length, batch, input_ids.device)
         caches = {"draft_shallow": DynamicCache(), "deep": DynamicCache(), "adapter": DynamicCache()}
         if not model.shallow_is_shared:
             caches["verify_shallow"] = DynamicCache()
         embeds = model.embed(input_ids)
-        draft_hidden = model.shallow(embeds, positions, cache=caches["draft_shallow"], draft=True)
+        draft_hidden = model.shallow(embeds, where, cache=caches["draft_shallow"], draft=True)
         if model.shallow_is_shared:
             verify_hidden = draft_hidden
         else:
-            verify_hidden = model.shallow(embeds, positions, cache=caches["verify_shallow"], draft=False)
+            verify_hidden = model.shallow(embeds, where, cache=caches["verify_shallow"], draft=False)
         # Deep layers over the whole prompt (their cache needs it) but the head on the last position
         # only, as HF generate does: the prompt's other logits are never used.
-        deep = model.run_layers(verify_hidden, model.exit_layer + 1, model.num_layers, positions, cache=caches["deep"])
+        deep = model.run_layers(verify_hidden, model.exit_layer + 1, model.num_layers, where, cache=caches["deep"])
         logits = model.causal_lm.lm_head(model.causal_lm.model.norm(deep[:, -1:]))[:, -1]
         # The adapter sees the prompt too (no exit head: the first token is the full model's).
-        model.adapter_hidden(draft_hidden, positions, cache=caches["adapter"])
+        model.adapter_hidden(draft_hidden, where, cache=caches["adapter"])
         first, _ = choose(logits, sampling, generator)
-        state = _State(
+        state = DecodingState(
             caches=caches,
             committed=torch.cat([input_ids, first[:, None]], dim=1),
             pending_ids=input_ids[:, :0],
@@ -283,173 +249,93 @@ class SelfSpeculativeDecoder:
         self._report(state, 0, [], 0, emitted)
         return state
 
-    def _draft_step(self, state: _State, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft-path step for ``token`` at ``position`` (plus any pending position before it).
+    def _round(self, state: DecodingState, index, sampling, generator, result, eos, max_new_tokens) -> None:
+        """One round: draft, verify, accept, roll back, commit, emit, report."""
+        # A round yields at most k + 1 tokens, so drafting past k = remaining - 1 is wasted work (and
+        # could run past the position limit); a drafter may still propose one.
+        budget = max(1, max_new_tokens - len(result.tokens) - 1)
+        proposal = self.drafter.propose(self.model, state, budget, sampling, generator)
+        result.draft_steps += proposal.draft_steps
+        target_logits, verify_hidden = self._verify(state, proposal)
+        result.full_passes += 1
+        n_accepted, next_token = self.accept_drafts(
+            proposal.tokens[0], self._draft_probs(proposal, target_logits, sampling), target_logits[0], sampling,
+            generator,
+        )
+        self.drafter.update(proposal, n_accepted)
+        k = proposal.size
+        result.drafted += k
+        result.accepted += n_accepted
+        if proposal.source == "lookup":
+            result.lookup_drafted += k
+            result.lookup_accepted += n_accepted
+        new = proposal.tokens[0, :n_accepted].tolist() + [next_token]
+        self._commit(state, new, verify_hidden)
+        emitted = self._emit(new, result, eos, max_new_tokens)
+        self._report(state, index, proposal.tokens[0].tolist(), n_accepted, emitted, lookup=proposal.source == "lookup")
 
-        Args:
-            token: (B, 1) id.
-            position: its absolute position.
+    def _verify(self, state: DecodingState, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the full model over ``[x, d1..dk]`` at positions ``n-1..n-1+k``.
 
         Returns:
-            ``(hidden, logits)``: (B, 1, d) its draft-path shallow state and (B, V) the draft logits of
-            the token after it ((B, K) over ``model.draft_vocab`` with a restricted draft head).
+            ``(target_logits, verify_hidden)``: (B, k + 1, V) the full model's logits at each position
+            and (B, k + 1, d) the verifier's shallow states (the draft path's, when they are shared).
         """
         model = self.model
-        batch = token.shape[0]
-        ids = torch.cat([state.pending_ids, token], dim=1)
-        shallow = model.shallow(
-            model.embed(ids),
-            self._positions(position - ids.shape[1] + 1, ids.shape[1], batch, token.device),
-            cache=state.caches["draft_shallow"],
-            draft=True,
-        )
-        adapter_in = torch.cat([state.pending_hidden, shallow], dim=1)
-        logits = model.draft_logits(
-            adapter_in,
-            self._positions(position - adapter_in.shape[1] + 1, adapter_in.shape[1], batch, token.device),
-            cache=state.caches["adapter"],
-        )[:, -1]
-        state.pending_ids = state.pending_ids[:, :0]
-        state.pending_hidden = state.pending_hidden[:, :0]
-        return shallow[:, -1:], logits
-
-    def _round(self, state, index, sampling, generator, result, eos, max_new_tokens) -> None:
-        model = self.model
         batch, n = state.committed.shape
-        device = state.committed.device
-        x = state.committed[:, -1:]
-        x_pos = n - 1
-        # Drafting past the token budget is wasted work (and could run past the position limit): a round
-        # yields at most k + 1 tokens, so k <= remaining - 1, but a round always drafts at least one.
-        remaining = max_new_tokens - len(result.tokens)
-        k_max = max(1, min(self.max_draft, remaining - 1))
-        if self.prompt_lookup:
-            copied = lookup_continuation(state.committed[0], max(1, min(self.prompt_lookup, remaining - 1)),
-                                         *self.prompt_lookup_ngram)
-            if copied.numel():
-                self._lookup_round(state, index, copied[None], sampling, generator, result, eos, max_new_tokens)
-                return
-
-        # 1. Draft.
-        shallow_states, drafts, draft_probs = [], [], []
-        token = x
-        for i in range(1, k_max + 1):
-            hidden, logits = self._draft_step(state, token, x_pos + i - 1)
-            if self.draft_logits_fn is not None:
-                logits = self.draft_logits_fn(model.scatter_draft(logits, float("-inf")), x_pos + i)
-                draft, probs = choose(logits, sampling, generator)
-            else:
-                # Restricted head: choose among its K ids, then map to the token id and widen q to V
-                # (zero outside the set) for the rejection step. Identities for a full-vocabulary head.
-                choice, probs = choose(logits, sampling, generator)
-                draft = model.draft_token_ids(choice)
-                if probs is not None:
-                    probs = model.scatter_draft(probs)
-            shallow_states.append(hidden)
-            drafts.append(draft)
-            draft_probs.append(probs)
-            result.draft_steps += 1
-            token = draft[:, None]
-            if i == k_max or self.threshold >= 1:
-                break
-            if self.threshold > 0:
-                # Second early exit. Greedy: confidence of the draft distribution at temperature 1;
-                # sampling: the top probability of the (warped) distribution the draft came from.
-                conf_probs = logits.float().softmax(dim=-1) if probs is None else probs
-                if float(conf_probs.max(dim=-1).values[0]) < self.threshold:
-                    break
-        k = len(drafts)
-        draft_ids = torch.stack(drafts, dim=1)  # (B, k)
-
-        # 2. Verify: one pass of the full model over [x, d1..dk] at positions x_pos..x_pos+k.
-        positions = self._positions(x_pos, k + 1, batch, device)
+        ids = torch.cat([state.committed[:, -1:], proposal.tokens], dim=1)
+        where = positions(n - 1, ids.shape[1], batch, ids.device)
         if model.shallow_is_shared:
-            # dk's shallow state: one more shallow step (it also serves the next round if dk is accepted).
-            last = model.shallow(
-                model.embed(draft_ids[:, -1:]), positions[:, -1:], cache=state.caches["draft_shallow"], draft=True
-            )
-            verify_hidden = torch.cat([*shallow_states, last], dim=1)
+            # The shared shallow cache is the draft path's: positions drafting already ran there are
+            # reused, the rest (the adapter's dk, or every copied token) run now and enter it.
+            j = 0 if proposal.shallow is None else proposal.shallow.shape[1]
+            rest = model.shallow(model.embed(ids[:, j:]), where[:, j:], cache=state.caches["draft_shallow"], draft=True)
+            verify_hidden = rest if proposal.shallow is None else torch.cat([proposal.shallow, rest], dim=1)
         else:
-            last = None
-            verify_hidden = model.shallow(
-                model.embed(torch.cat([x, draft_ids], dim=1)),
-                positions,
-                cache=state.caches["verify_shallow"],
-                draft=False,
-            )
-        target_logits = model.deep_logits(verify_hidden, positions, cache=state.caches["deep"])
-        result.full_passes += 1
-        result.drafted += k
+            # Scope "draft": the untouched shallow layers, on their own cache.
+            verify_hidden = model.shallow(model.embed(ids), where, cache=state.caches["verify_shallow"], draft=False)
+        return model.deep_logits(verify_hidden, where, cache=state.caches["deep"]), verify_hidden
 
-        # 3. Accept.
-        q = None if sampling.greedy else torch.cat(draft_probs, dim=0)
-        n_accepted, next_token = self.accept_drafts(draft_ids[0], q, target_logits[0], sampling, generator)
-        result.accepted += n_accepted
-        new = draft_ids[0, :n_accepted].tolist() + [next_token]
+    @staticmethod
+    def _draft_probs(proposal: Proposal, target_logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor | None:
+        """(k, V) ``q`` for the rejection step (None for greedy); copied tokens are point masses."""
+        if sampling.greedy or proposal.probs is not None:
+            return proposal.probs
+        k = proposal.size
+        q = torch.zeros(k, target_logits.shape[-1], dtype=target_logits.dtype, device=target_logits.device)
+        return q.scatter_(1, proposal.tokens[0].view(k, 1), 1.0)
 
-        # 4. Roll back: every cache keeps x, d1..d_accepted (the next round's x is next_token).
-        keep = n + n_accepted
-        for name in ("deep", "verify_shallow"):
-            if name in state.caches:
-                crop_layers(state.caches[name], self._segment_layers(name), keep)
-        if n_accepted < k:
+    def _commit(self, state: DecodingState, new: list[int], verify_hidden: torch.Tensor) -> None:
+        """Append the round's tokens and roll every cache back to what they must hold.
+
+        With ``n`` tokens committed before the round and ``a = len(new) - 1`` drafts accepted, every
+        cache must hold positions ``0..n+a-1`` (through the last accepted draft; the new last token is
+        the next ``x``). Verification wrote ``[x, d1..dk]`` to ``deep`` and the verifier's shallow cache:
+        crop them. The draft path holds what drafting ran (nothing for copied tokens): crop it where it
+        is ahead, and what it lacks becomes pending, taken in by the next adapter step.
+        """
+        model = self.model
+        n = state.committed.shape[1]
+        keep = n + len(new) - 1
+        state.committed = torch.cat([state.committed, state.committed.new_tensor([new])], dim=1)
+        crop_layers(state.caches["deep"], self._deep_layers, keep)
+        if model.shallow_is_shared:
             crop_layers(state.caches["draft_shallow"], self._shallow_layers, keep)
-            crop_layers(state.caches["adapter"], range(1), keep)
-        elif model.shallow_is_shared:
-            # All accepted: the shallow cache already holds dk (verify step); the adapter gets its state
-            # together with the next round's first draft step.
-            state.pending_hidden = last
         else:
-            # All accepted, scope "draft": dk has not been through the LoRA shallow layers either.
-            state.pending_ids = draft_ids[:, -1:]
-
-        next_ids = torch.tensor([new], dtype=state.committed.dtype, device=device)
-        state.committed = torch.cat([state.committed, next_ids], dim=1)
-        emitted = self._emit(new, result, eos, max_new_tokens)
-        self._report(state, index, draft_ids[0].tolist(), n_accepted, emitted)
-
-    def _lookup_round(self, state, index, draft_ids, sampling, generator, result, eos, max_new_tokens) -> None:
-        """A round whose (B, k) drafts were copied from the context: verify them; the draft path catches up later."""
-        model = self.model
-        batch, n = state.committed.shape
-        device = state.committed.device
-        x = state.committed[:, -1:]
-        k = draft_ids.shape[1]
-        positions = self._positions(n - 1, k + 1, batch, device)
-        ids = torch.cat([x, draft_ids], dim=1)
-        # The shared shallow cache is the draft path's: these positions enter it now (its pending ids are
-        # none); scope "draft" runs the untouched shallow layers on their own cache, as every round does.
-        segment = "draft_shallow" if model.shallow_is_shared else "verify_shallow"
-        verify_hidden = model.shallow(model.embed(ids), positions, cache=state.caches[segment],
-                                      draft=model.shallow_is_shared)
-        target_logits = model.deep_logits(verify_hidden, positions, cache=state.caches["deep"])
-        result.full_passes += 1
-        result.drafted += k
-        result.lookup_drafted += k
-
-        # A copied token is a draft from a point mass q (sampling: accepted with probability p(d)).
-        q = None
-        if not sampling.greedy:
-            q = torch.zeros(k, target_logits.shape[-1], dtype=target_logits.dtype, device=device)
-            q.scatter_(1, draft_ids[0].view(k, 1), 1.0)
-        n_accepted, next_token = self.accept_drafts(draft_ids[0], q, target_logits[0], sampling, generator)
-        result.accepted += n_accepted
-        result.lookup_accepted += n_accepted
-        new = draft_ids[0, :n_accepted].tolist() + [next_token]
-
-        keep = n + n_accepted
-        for name in ("deep", segment):
-            crop_layers(state.caches[name], self._segment_layers(name), keep)
-        # x and the accepted copies wait for the draft path (the adapter; scope "draft": its shallow layers too).
+            crop_layers(state.caches["verify_shallow"], self._shallow_layers, keep)
+            seen = min(cache_length(state.caches["draft_shallow"], 0), keep)
+            crop_layers(state.caches["draft_shallow"], self._shallow_layers, seen)
+            state.pending_ids = state.committed[:, seen:keep]
+        adapter_seen = min(cache_length(state.caches["adapter"], 0), keep)
+        crop_layers(state.caches["adapter"], range(1), adapter_seen)
         if model.shallow_is_shared:
-            state.pending_hidden = torch.cat([state.pending_hidden, verify_hidden[:, : n_accepted + 1]], dim=1)
-        else:
-            state.pending_ids = torch.cat([state.pending_ids, ids[:, : n_accepted + 1]], dim=1)
-
-        next_ids = torch.tensor([new], dtype=state.committed.dtype, device=device)
-        state.committed = torch.cat([state.committed, next_ids], dim=1)
-        emitted = self._emit(new, result, eos, max_new_tokens)
-        self._report(state, index, draft_ids[0].tolist(), n_accepted, emitted, lookup=True)
+            # Positions adapter_seen..keep-1 wait for the adapter: those before x were pending already
+            # (a drafter that skipped the draft path left them), the rest are this pass's shallow states.
+            x_pos = n - 1
+            if adapter_seen >= x_pos:
+                state.pending_hidden = verify_hidden[:, adapter_seen - x_pos : keep - x_pos]
+            else:
+                state.pending_hidden = torch.cat([state.pending_hidden, verify_hidden[:, : keep - x_pos]], dim=1)
 
     def _emit(self, new: list[int], result: DecodeResult, eos: set[int], max_new_tokens: int) -> list[int]:
         """Append one pass's tokens to the output, cut after EOS or at the budget; record the pass."""
@@ -464,7 +350,7 @@ class SelfSpeculativeDecoder:
         result.accept_lengths.append(len(emitted))
         return emitted
 
-    def _report(self, state: _State, index: int, drafted: list[int], accepted: int, emitted: list[int],
+    def _report(self, state: DecodingState, index: int, drafted: list[int], accepted: int, emitted: list[int],
                 lookup: bool = False) -> None:
         if self.on_round is None:
             return

@@ -1,0 +1,267 @@
+"""Where a round's draft tokens come from: one interface, several sources.
+
+A :class:`Drafter` proposes the draft tokens of one round (and, for sampling, the distribution ``q``
+each was drawn from) from the decoding state, and hears afterwards how many were accepted.
+:class:`~kangaroo_lit.decoding.speculative.SelfSpeculativeDecoder` writes the rest of a round once:
+verify the proposal in one full-model pass, accept, roll the caches back, commit, emit, report.
+
+* :class:`AdapterDrafter`: the Kangaroo draft path (shallow layers, adapter, exit head), token by token
+  until its confidence drops below ``threshold`` or ``max_draft`` tokens (the second early exit).
+* :class:`LookupDrafter`: prompt lookup, the tokens that followed the latest earlier occurrence of the
+  context's last n-gram; nothing when there is none (the round is then a plain one-token step).
+* :class:`LookupThenAdapter`: lookup where it matches, the adapter otherwise.
+
+The shapes learnt from: HF's ``CandidateGenerator`` (``get_candidates`` / ``update_candidate_strategy``,
+prompt lookup as one more generator, verification written once) and LayerSkip's generation strategies.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
+from kangaroo_lit.decoding.sampling import SamplingConfig, choose
+
+# (B, V) draft logits, absolute position of the token being drafted -> (B, V) logits to draft from.
+# (With a restricted draft head the hook sees them scattered to V, -inf outside the draft vocabulary.)
+DraftLogitsFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+DRAFTER_KINDS = ("adapter", "lookup")
+
+
+@dataclass
+class DecodingState:
+    """What a round starts from; every tensor keeps a batch dimension (B = 1 today).
+
+    Between rounds, with ``n`` committed tokens, every cache holds positions ``0..n-2`` (the last
+    committed token, ``x``, is in none yet), except that the draft path (``draft_shallow`` under LoRA
+    scope "draft", and ``adapter``) may be behind by the *pending* positions.
+
+    Attributes:
+        caches: one :class:`~transformers.DynamicCache` per path segment: ``draft_shallow``,
+            ``verify_shallow`` (LoRA scope "draft" only), ``deep``, ``adapter``.
+        committed: (B, n) prompt + generated ids.
+        pending_ids: (B, m) committed ids the draft shallow layers have not seen (scope "draft").
+        pending_hidden: (B, m, d) draft-path shallow states the adapter has not seen (shared scope).
+    """
+
+    caches: dict[str, DynamicCache]
+    committed: torch.Tensor
+    pending_ids: torch.Tensor
+    pending_hidden: torch.Tensor
+
+
+@dataclass
+class Proposal:
+    """The draft of one round.
+
+    Attributes:
+        tokens: (B, k) draft ids, ``k >= 0`` (0: a plain one-token step).
+        probs: (k, V) the distributions the drafts were drawn from (sampling); None for greedy, and
+            for copied tokens, whose ``q`` is a point mass at the token (the decoder builds it).
+        shallow: (B, k, d) shallow states of ``x, d1..d_{k-1}`` that drafting already wrote to the
+            shared shallow cache (so verification runs the shallow layers on ``dk`` only), or None.
+        source: ``"adapter"``, ``"lookup"`` or ``"none"``.
+        draft_steps: draft-path forward calls made.
+    """
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None
+    shallow: torch.Tensor | None = None
+    source: str = "none"
+    draft_steps: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+
+def positions(start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
+    """(B, length) absolute positions ``start..start+length-1`` (no padding at batch size 1)."""
+    return torch.arange(start, start + length, device=device).expand(batch, length)
+
+
+def empty_proposal(state: DecodingState) -> Proposal:
+    """No draft: the round verifies ``x`` alone and commits the full model's next token."""
+    return Proposal(tokens=state.committed[:, :0], probs=None)
+
+
+class Drafter(ABC):
+    """Proposes the draft tokens of a round; see the module docstring."""
+
+    @abstractmethod
+    def propose(self, model, state: DecodingState, budget: int, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal:
+        """Draft at most ``budget`` (>= 1) tokens after ``state.committed``.
+
+        A drafter that runs the draft path advances its caches (and consumes the pending positions);
+        the decoder rolls them back to what verification accepted.
+        """
+
+    def update(self, proposal: Proposal, accepted: int) -> None:
+        """Told how many of ``proposal``'s tokens the full model accepted (adaptive drafters learn here)."""
+        del proposal, accepted  # the drafters here do not adapt
+
+
+class AdapterDrafter(Drafter):
+    """The Kangaroo draft path: one token per step until confidence < ``threshold`` or ``max_draft``.
+
+    Args:
+        threshold: a draft whose top-1 probability is below this ends the round (0: always draft
+            ``max_draft``; >= 1: draft exactly one). Greedy reads the draft distribution at temperature
+            1; sampling the warped distribution the draft was drawn from.
+        max_draft: most tokens per round (>= 1).
+        draft_logits_fn: test hook, see :data:`DraftLogitsFn`.
+    """
+
+    def __init__(self, threshold: float = 0.6, max_draft: int = 6, draft_logits_fn: DraftLogitsFn | None = None):
+        if max_draft < 1:
+            raise ValueError(f"max_draft must be >= 1, got {max_draft}")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+        self.max_draft = max_draft
+        self.draft_logits_fn = draft_logits_fn
+
+    def propose(self, model, state, budget, sampling, generator) -> Proposal:
+        x_pos = state.committed.shape[1] - 1
+        k_max = max(1, min(self.max_draft, budget))
+        shallow_states, drafts, draft_probs = [], [], []
+        token = state.committed[:, -1:]
+        for i in range(1, k_max + 1):
+            hidden, logits = self._step(model, state, token, x_pos + i - 1)
+            if self.draft_logits_fn is not None:
+                logits = self.draft_logits_fn(model.scatter_draft(logits, float("-inf")), x_pos + i)
+                draft, probs = choose(logits, sampling, generator)
+            else:
+                # Restricted head: choose among its K ids, then map to the token id and widen q to V
+                # (zero outside the set) for the rejection step. Identities for a full-vocabulary head.
+                choice, probs = choose(logits, sampling, generator)
+                draft = model.draft_token_ids(choice)
+                if probs is not None:
+                    probs = model.scatter_draft(probs)
+            shallow_states.append(hidden)
+            drafts.append(draft)
+            draft_probs.append(probs)
+            token = draft[:, None]
+            if i == k_max or self.threshold >= 1:
+                break
+            if self.threshold > 0:
+                conf_probs = logits.float().softmax(dim=-1) if probs is None else probs
+                if float(conf_probs.max(dim=-1).values[0]) < self.threshold:
+                    break
+        return Proposal(
+            tokens=torch.stack(drafts, dim=1),
+            probs=None if sampling.greedy else torch.cat(draft_probs, dim=0),
+            shallow=torch.cat(shallow_states, dim=1) if model.shallow_is_shared else None,
+            source="adapter",
+            draft_steps=len(drafts),
+        )
+
+    @staticmethod
+    def _step(model, state: DecodingState, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft-path step for ``token`` at ``position``, with the pending positions before it.
+
+        Args:
+            token: (B, 1) id.
+            position: its absolute position.
+
+        Returns:
+            ``(hidden, logits)``: (B, 1, d) its draft-path shallow state and (B, V) the draft logits of
+            the token after it ((B, K) over ``model.draft_vocab`` with a restricted draft head).
+        """
+        batch = token.shape[0]
+        ids = torch.cat([state.pending_ids, token], dim=1)
+        shallow = model.shallow(
+            model.embed(ids),
+            positions(position - ids.shape[1] + 1, ids.shape[1], batch, token.device),
+            cache=state.caches["draft_shallow"],
+            draft=True,
+        )
+        adapter_in = torch.cat([state.pending_hidden, shallow], dim=1)
+        logits = model.draft_logits(
+            adapter_in,
+            positions(position - adapter_in.shape[1] + 1, adapter_in.shape[1], batch, token.device),
+            cache=state.caches["adapter"],
+        )[:, -1]
+        state.pending_ids = state.pending_ids[:, :0]
+        state.pending_hidden = state.pending_hidden[:, :0]
+        return shallow[:, -1:], logits
+
+
+class LookupDrafter(Drafter):
+    """Prompt lookup: copy the tokens that followed the latest earlier occurrence of the last n-gram.
+
+    A copied token is a draft from a point mass ``q`` (sampling: accepted with probability ``p(d)``,
+    else resampled from ``p`` without ``d``), so sampling stays exact. Copies have not been through
+    the draft path; they join its pending positions, which the next adapter step takes in.
+
+    Args:
+        max_tokens: most tokens copied per round (>= 1).
+        ngram: ``(min, max)`` n-gram sizes matched; the longest match wins.
+    """
+
+    def __init__(self, max_tokens: int, ngram: tuple[int, int] = (2, 3)):
+        if max_tokens < 1:
+            raise ValueError(f"prompt lookup needs max_tokens >= 1, got {max_tokens}")
+        if not 1 <= ngram[0] <= ngram[1]:
+            raise ValueError(f"prompt_lookup_ngram must be (min, max) with 1 <= min <= max, got {ngram}")
+        self.max_tokens = max_tokens
+        self.ngram = tuple(ngram)
+
+    def propose(self, model, state, budget, sampling, generator) -> Proposal:
+        copied = lookup_continuation(state.committed[0], max(1, min(self.max_tokens, budget)), *self.ngram)
+        if not copied.numel():
+            return empty_proposal(state)
+        return Proposal(tokens=copied[None], probs=None, source="lookup")  # q: point masses
+
+
+class LookupThenAdapter(Drafter):
+    """Prompt lookup where the context's last n-gram occurred before, the adapter otherwise."""
+
+    def __init__(self, lookup: LookupDrafter, adapter: AdapterDrafter):
+        self.lookup = lookup
+        self.adapter = adapter
+
+    def propose(self, model, state, budget, sampling, generator) -> Proposal:
+        proposal = self.lookup.propose(model, state, budget, sampling, generator)
+        if proposal.size:
+            return proposal
+        return self.adapter.propose(model, state, budget, sampling, generator)
+
+    def update(self, proposal: Proposal, accepted: int) -> None:
+        (self.lookup if proposal.source == "lookup" else self.adapter).update(proposal, accepted)
+
+
+def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int = 6, prompt_lookup: int = 0,
+                 prompt_lookup_ngram: tuple[int, int] = (2, 3),
+                 draft_logits_fn: DraftLogitsFn | None = None) -> Drafter:
+    """The drafter for a decoding configuration.
+
+    Args:
+        kind: ``"adapter"`` (with ``prompt_lookup > 0``: lookup where it matches, else the adapter) or
+            ``"lookup"`` (lookup only: a round without a match is a plain one-token step).
+        threshold, max_draft, draft_logits_fn: the adapter's (:class:`AdapterDrafter`).
+        prompt_lookup: most tokens copied per round (0: no lookup; ``kind="lookup"`` needs >= 1).
+        prompt_lookup_ngram: ``(min, max)`` n-gram sizes matched.
+
+    Raises:
+        ValueError: an unknown kind or an inconsistent setting.
+    """
+    if kind not in DRAFTER_KINDS:
+        raise ValueError(f"drafter must be one of {', '.join(DRAFTER_KINDS)}; got {kind!r}")
+    if prompt_lookup < 0:
+        raise ValueError(f"prompt_lookup must be >= 0 (tokens; 0 = off), got {prompt_lookup}")
+    if kind == "lookup" and prompt_lookup < 1:
+        raise ValueError("drafter 'lookup' needs prompt_lookup >= 1 (tokens copied per round)")
+    adapter = AdapterDrafter(threshold, max_draft, draft_logits_fn)
+    if kind == "lookup":
+        return LookupDrafter(prompt_lookup, prompt_lookup_ngram)
+    if prompt_lookup:
+        return LookupThenAdapter(LookupDrafter(prompt_lookup, prompt_lookup_ngram), adapter)
+    return adapter
