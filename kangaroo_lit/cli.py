@@ -12,9 +12,8 @@ import os
 import signal
 import sys
 import traceback
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -28,6 +27,7 @@ from kangaroo_lit.checkpointing import (
     reconcile_settings,
     saved_settings,
 )
+from kangaroo_lit.cli_support import one_line_usage_error, print_fit_summary, quiet_lightning, remove_setup_only_dir
 from kangaroo_lit.embedded import resolve_path
 from kangaroo_lit.errors import KangarooError
 from kangaroo_lit.lit_module import KangarooLitModule
@@ -44,6 +44,40 @@ OWN_SUBCOMMANDS: dict[str, str] = {
     "bench": "kangaroo_lit.bench.cli:main",
     "specbench": "kangaroo_lit.specbench.cli:main",
 }
+
+# One line per subcommand for the top-level help (kept apart from OWN_SUBCOMMANDS: the help must not
+# import every subcommand's module, which would load torch and transformers just to print it).
+DESCRIPTIONS: dict[str, str] = {
+    "fit": "train the draft (LoRA + adapter + exit head) on instruction data",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split",
+    "predict": "decode a prompt file with a checkpoint, writing predictions.jsonl",
+    "export": "turn a training checkpoint into a self-describing draft artifact",
+    "generate": "decode prompts with a draft (self-speculative), optionally against vanilla",
+    "pull": "fetch and convert a known base model (--list shows them)",
+    "distill": "answer a data set's prompts with the base model (self-distilled training data)",
+    "self_instruct": "instructions written and answered by the base model itself",
+    "bench": "benchmarks: decoding speed, training step, cost model",
+    "specbench": "Spec-Bench: decoding methods compared on its question set",
+}
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser whose usage errors are one line, with the nearest valid key for a typo.
+
+    jsonargparse prints the whole usage (over a hundred lines for ``fit``) before the one line that
+    matters; a user who mistyped ``--model.exit_layr`` needs that line and ``did you mean
+    model.exit_layer?`` only (:func:`~kangaroo_lit.cli_support.one_line_usage_error`).
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)  # raises: callers that catch parse errors keep them
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(one_line_usage_error(message, parser), file=sys.stderr)
+        sys.exit(2)
 
 
 class KangarooCLI(LightningCLI):
@@ -75,6 +109,15 @@ class KangarooCLI(LightningCLI):
         if config.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
             set_threads_for(resolve_path(config.model.base_model), config.get("threads"))
         self._reconcile_with_checkpoint(sub, config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a run refused before its first step leaves no log folder that looks like a run."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            for logger in self.trainer.loggers if self.trainer.is_global_zero else []:
+                remove_setup_only_dir(getattr(logger, "log_dir", None))
+            raise
 
     def _reconcile_with_checkpoint(self, sub: str, config: Any) -> None:
         """Resume safely: never let the checkpoint silently override what the user asked for.
@@ -132,36 +175,56 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> KangarooCL
             "use_distributed_sampler": False,
         },
         parser_kwargs={"description": __doc__},
+        parser_class=OneLineErrorParser,
         auto_configure_optimizers=False,
     )
 
 
 def _usage() -> str:
+    """The top-level help: both usage forms, then each subcommand with what it does."""
     own = ", ".join(sorted(OWN_SUBCOMMANDS)) or "(none yet)"
+    names = ["fit", "validate", "test", "predict", *sorted(OWN_SUBCOMMANDS)]
+    width = max(len(name) for name in names)
+    listing = "\n".join(f"  {name:<{width}}  {DESCRIPTIONS.get(name, '')}".rstrip() for name in names)
     return (
         "usage: kangaroo-lit {fit,validate,test,predict} [--config FILE] [LightningCLI options]\n"
-        f"       kangaroo-lit {{{own}}} [options]\n"
+        f"       kangaroo-lit {{{own}}} [options]\n\n"
+        f"subcommands:\n{listing}\n\n"
         "Run `kangaroo-lit fit --help` (or `<subcommand> --help`) for the options of each subcommand."
     )
+
+
+def run_own_subcommand(name: str, argv: list[str]) -> int:
+    """Run one of :data:`OWN_SUBCOMMANDS` with ``argv``.
+
+    Those built with ``jsonargparse.CLI`` name themselves after ``sys.argv[0]`` in their usage line and
+    in the tip after an error; it says ``kangaroo-lit <name>`` while the subcommand runs, so both give
+    a command that works.
+    """
+    module_name, func_name = OWN_SUBCOMMANDS[name].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    saved = sys.argv[0] if sys.argv else None
+    if sys.argv:
+        sys.argv[0] = f"kangaroo-lit {name}"
+    try:
+        return int(func(argv) or 0)
+    finally:
+        if saved is not None:
+            sys.argv[0] = saved
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``kangaroo-lit`` and ``python -m kangaroo_lit``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in OWN_SUBCOMMANDS:
-        module_name, func_name = OWN_SUBCOMMANDS[argv[0]].split(":")
-        return int(getattr(importlib.import_module(module_name), func_name)(argv[1:]) or 0)
+        return run_own_subcommand(argv[0], argv[1:])
     if not argv or argv[0] in ("-h", "--help") and len(argv) == 1:
         print(_usage())
         return 0 if argv else 2
     try:
-        with warnings.catch_warnings():
-            # Two Lightning warnings that are wrong for this module and data module, silenced for this
-            # command only: the frozen HF base stays in eval mode on purpose (no dropout in the model
-            # being served), and the data module's loader does resume mid-epoch exactly (its position
-            # travels in the data module's state_dict, which Lightning's check does not look at).
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-            warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+        # Lightning's tips and known-harmless deprecations are silenced for this command only
+        # (quiet_lightning), never when the package is imported.
+        with quiet_lightning():
             # From the console the arguments are sys.argv's: let LightningCLI read them itself (passing
             # them again as ``args`` makes it warn about arguments given twice).
             cli = run_lightning(None if argv == sys.argv[1:] else argv)
@@ -173,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {name} after step {cli.trainer.global_step}; last.ckpt holds that step "
               "(resume with --ckpt_path)", file=sys.stderr)
         return 128 + stop.received
+    if cli.subcommand == "fit" and cli.trainer.state.finished:
+        print_fit_summary(cli)
     return 0
 
 

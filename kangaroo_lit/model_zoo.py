@@ -218,30 +218,54 @@ def pull(name: str, force: bool = False) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``kangaroo-lit pull NAME [--force true]``: fetch and convert a model (``--list`` shows them)."""
-    import jsonargparse
+def pull_command(name: str = "", force: bool = False, list: bool = False) -> int:  # noqa: A002
+    """Fetch and convert a model into a local Hugging Face directory.
 
+    Args:
+        name: the model's short name (see --list).
+        force: convert again even if it is already pulled.
+        list: list the known models and where each one is.
+    """
+    if list or not name:
+        for key, spec in sorted(REGISTRY.items()):
+            state = models_dir() / key if is_pulled(key) else "not pulled"
+            print(f"{key}\t{spec.title} ({spec.license})\t{state}")
+        return 0
+    print(pull(name, force=force))
+    return 0
+
+
+# ``--list`` and ``--force`` are switches, as in ``generate``: alone they mean true.
+PULL_SWITCHES = ("force", "list")
+
+
+def build_parser():
+    """``kangaroo-lit pull``'s parser: ``--name`` (also positional-free), ``--force`` and ``--list`` switches."""
+    from docstring_parser import parse as parse_docstring
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(prog="kangaroo-lit pull", description=pull_command.__doc__.split("\n")[0],
+                            allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments")
+    parser.add_function_arguments(pull_command, as_group=False, as_positional=False, skip=set(PULL_SWITCHES))
+    docs = {p.arg_name: p.description for p in parse_docstring(pull_command.__doc__ or "").params}
+    for switch in PULL_SWITCHES:
+        parser.add_argument(f"--{switch}", action=ActionYesNo, nargs="?", default=False, help=docs.get(switch))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kangaroo-lit pull NAME`` (or ``--name NAME``) ``[--force]``: fetch and convert a model (``--list``)."""
     from kangaroo_lit.errors import KangarooError
 
-    def pull_command(name: str = "", force: bool = False, list: bool = False) -> int:  # noqa: A002
-        """Fetch and convert a model into a local Hugging Face directory.
-
-        Args:
-            name: the model's short name (see --list).
-            force: convert again even if it is already pulled.
-            list: list the known models and where each one is.
-        """
-        if list or not name:
-            for key, spec in sorted(REGISTRY.items()):
-                state = models_dir() / key if is_pulled(key) else "not pulled"
-                print(f"{key}\t{spec.title} ({spec.license})\t{state}")
-            return 0
-        print(pull(name, force=force))
-        return 0
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        # ``kangaroo-lit pull NAME``, as the "not pulled yet" message writes it, means ``--name NAME``
+        argv = ["--name", *argv]
+    config = build_parser().parse_args(argv).as_dict()
+    config.pop("config", None)
     try:
-        return int(jsonargparse.CLI(pull_command, args=argv, as_positional=False))
+        return pull_command(**config)
     except KangarooError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

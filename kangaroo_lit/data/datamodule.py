@@ -8,6 +8,7 @@ right-padded dict batches (``collate.py``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Literal
 
@@ -35,6 +36,27 @@ from kangaroo_lit.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 DOLLY_HUB_NAME = "databricks/databricks-dolly-15k"
+# The bundled instruction rows: what a user without the Hub can train on at once.
+EMBEDDED_DATA = "embedded:tiny-instruct.jsonl"
+
+
+@contextlib.contextmanager
+def hub_dataset_errors(dataset_name: str):
+    """Turn a Hub dataset that cannot be reached or found into one line naming the way out.
+
+    ``data.data_path`` left out means the Hub's ``dataset_name``: offline, or with a mistyped name, the
+    datasets library ends in a ``ConnectionError`` or ``FileNotFoundError`` traceback that says nothing
+    about ``--data.data_path``.
+    """
+    try:
+        yield
+    except (ConnectionError, TimeoutError, FileNotFoundError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"data.data_path is not set, so the data is the Hub dataset {dataset_name!r}, which could not be "
+            f"loaded ({reason}). Pass a local file with --data.data_path <file.jsonl>, or the bundled data "
+            f"with --data.data_path {EMBEDDED_DATA}"
+        ) from err
 
 
 def _only_item(items: list[dict]) -> dict:
@@ -194,7 +216,8 @@ class InstructionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download the Hub dataset once per node (local files need nothing here)."""
         if self.data_path is None:
-            hub_load_dataset()(self.dataset_name, split="train")
+            with hub_dataset_errors(self.dataset_name):
+                hub_load_dataset()(self.dataset_name, split="train")
 
     def _load_tokenizer(self):
         if self.tokenizer is not None:
@@ -215,7 +238,8 @@ class InstructionDataModule(L.LightningDataModule):
             rows = load_file_rows(data_path, self.data_format, self.on_bad_row)
             source = {"file_sha256": file_sha256(data_path)}
         else:
-            rows, fingerprint = load_hub_rows(self.dataset_name, self.data_format, self.on_bad_row)
+            with hub_dataset_errors(self.dataset_name):
+                rows, fingerprint = load_hub_rows(self.dataset_name, self.data_format, self.on_bad_row)
             source = {"hub": self.dataset_name, "split": "train", "fingerprint": fingerprint}
         if self.max_rows is not None:
             rows = rows[: self.max_rows]
