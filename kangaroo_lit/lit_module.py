@@ -46,6 +46,24 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite; nothing is saved over the last good checkpoint."""
 
 
+def computed_terms(terms: Any, out: Any) -> dict[str, torch.Tensor]:
+    """The loss terms a training step actually computed, detached, by name (for an error message).
+
+    ``loss_main`` exists only when the full path ran, ``loss_exit`` only when the draft path did; the
+    other is a NaN placeholder, which must not be reported as if it were the loss that went wrong.
+    ``loss`` is the full objective when both ran, else ``beta_exit * loss_exit`` or ``loss_main``: named
+    for what it is.
+    """
+    has_main, has_exit = out.main_logits is not None, out.exit_logits is not None
+    optimised = "loss" if has_main and has_exit else ("beta_exit*loss_exit" if has_exit else "loss_main")
+    computed = {optimised: terms.loss.detach()}
+    if has_main and has_exit:
+        computed["loss_main"] = terms.loss_main.detach()
+    if has_exit:
+        computed["loss_exit"] = terms.loss_exit.detach()
+    return computed
+
+
 class KangarooLitModule(L.LightningModule):
     """Frozen base LM + shallow LoRA + Kangaroo adapter + exit head, trained with SGP.
 
@@ -199,7 +217,8 @@ class KangarooLitModule(L.LightningModule):
     def _skips_full_path(self) -> bool:
         """Training with SGP and a label-only exit loss: the full path reaches neither a trainable weight nor
         the loss's gradient, so it is not computed (the same update, several times cheaper on a deep model;
-        ``train/loss_main`` and the agreement metrics are then logged in validation only)."""
+        ``train/loss``, ``train/loss_main`` and the agreement metrics are then logged in validation only
+        (as ``val/...``), and ``train/loss_exit`` is the training curve)."""
         loss = self.settings.loss
         return self.training and loss.detach_exit and loss.exit_loss == "ce" and loss.beta_exit > 0
 
@@ -227,14 +246,17 @@ class KangarooLitModule(L.LightningModule):
         # pass on every micro-batch; the flag stays on the device until the update is due.
         finite = torch.isfinite(terms.loss.detach())
         self._all_finite = finite if self._all_finite is None else self._all_finite & finite
-        self._last_terms = (terms.loss.detach(), terms.loss_main.detach(), terms.loss_exit.detach(), batch_idx)
+        self._last_terms = (computed_terms(terms, out), batch_idx)
         batch_size = batch["input_ids"].shape[0]
         log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("train/loss", terms.loss, prog_bar=True, **log)
+        # train/loss is the full objective, loss_main + beta_exit * loss_exit, or absent: with the full
+        # path skipped (SGP + ce) the optimised value is beta_exit * loss_exit, a different quantity that
+        # must not be plotted as the same curve; train/loss_exit is then the figure to watch.
         if out.main_logits is not None:
+            self.log("train/loss", terms.loss, prog_bar=True, **log)
             self.log("train/loss_main", terms.loss_main, **log)
         if out.exit_logits is not None:
-            self.log("train/loss_exit", terms.loss_exit, **log)
+            self.log("train/loss_exit", terms.loss_exit, prog_bar=out.main_logits is None, **log)
         if out.exit_logits is not None and out.main_logits is not None:
             self.log("train/expected_accept", terms.expected_accept, prog_bar=True, **log)
             self.log("train/top1_agree", terms.top1_agree, **log)
@@ -247,10 +269,10 @@ class KangarooLitModule(L.LightningModule):
         """Stop before an update computed from a NaN or infinite loss (of any accumulated micro-batch)."""
         all_finite, self._all_finite = self._all_finite, None
         if all_finite is not None and not bool(all_finite):
-            loss, loss_main, loss_exit, batch_idx = self._last_terms
+            computed, batch_idx = self._last_terms
+            values = ", ".join(f"{name}={value.item()}" for name, value in computed.items())
             raise NonFiniteLossError(
-                f"non-finite training loss (last micro-batch: loss={loss.item()}, loss_main={loss_main.item()}, "
-                f"loss_exit={loss_exit.item()}) at global step {self.global_step} "
+                f"non-finite training loss (last micro-batch: {values}) at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); the run stops before this step's "
                 "update, so the last checkpoint on disk is the last good one. Lower the learning rate, "
                 "use bf16 instead of fp16, or inspect this batch."
