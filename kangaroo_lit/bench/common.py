@@ -206,6 +206,17 @@ def pyplot():
     return plt
 
 
+def legend_outside(ax, fontsize: str | float = "small"):
+    """The legend of ``ax`` to the right of its plotting area, where it cannot cover a bar or a line.
+
+    Inside the axes, matplotlib's ``loc="best"`` still lands on bars once every spot is taken (a grouped
+    bar chart fills its axes); outside it costs some width instead. Save the figure with
+    ``bbox_inches="tight"`` so that the legend is not cut off.
+    """
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=fontsize,
+                     frameon=False)
+
+
 def write_outputs(out_dir: str | Path, stem: str, report: dict[str, Any], markdown: str,
                   plot: Callable[[dict[str, Any], Path], bool] | None = None) -> list[Path]:
     """Write ``<stem>.json`` (every number), ``<stem>.md`` (the tables) and, when ``plot`` draws one,

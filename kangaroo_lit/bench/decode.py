@@ -26,6 +26,7 @@ import torch
 
 from kangaroo_lit.bench.common import (
     DType,
+    legend_outside,
     machine_info,
     markdown_table,
     mean_std,
@@ -362,8 +363,8 @@ def speed_plot(report: dict[str, Any], path: Path) -> bool:
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("tokens/s")
     ax.set_title(f"decoding speed: {Path(str(report['artifact'] or report['model'])).name}")
-    ax.legend()
+    legend_outside(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kangaroo_lit.bench.common import markdown_table, mean_std, pyplot
+from kangaroo_lit.bench.common import legend_outside, markdown_table, mean_std, pyplot
 from kangaroo_lit.specbench.questions import SUBTASKS, Question
 
 BASELINE = "vanilla"
@@ -193,9 +193,9 @@ def plot(summary: dict[str, Any], path: Path, title: str = "Spec-Bench") -> bool
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize="small")
+    legend_outside(axes[-1])  # one legend for both panels, beside them (it covered the bars inside one)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
