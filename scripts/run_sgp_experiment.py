@@ -280,9 +280,42 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(header, rows, left=1)
 
 
+# Training losses in the order they are plotted: the draft's own loss first (every run with a draft path
+# logs it), then the full objective and the full path's loss (absent where training skips the full path).
+TRAIN_LOSS_KEYS = ("train/loss_exit", "train/loss", "train/loss_main")
+
+
+def common_loss_keys(rows_by_run: list[list[dict[str, float]]]) -> list[str]:
+    """The training losses every run logged, in :data:`TRAIN_LOSS_KEYS` order.
+
+    Under SGP with a ce exit loss training skips the full path and logs ``train/loss_exit`` only; a joint
+    run logs all three. Plotting each run's ``train/loss`` side by side compared ``beta_exit * loss_exit``
+    with the full objective; only a quantity that every run logged is drawn.
+    """
+    logged = [{key for row in rows for key in row} for rows in rows_by_run]
+    return [key for key in TRAIN_LOSS_KEYS if logged and all(key in keys for keys in logged)]
+
+
+def loss_curves(results: list[dict[str, Any]]) -> list[tuple[str, list[float], list[float], str]]:
+    """``(label, steps, values, line style)`` of the losses plot: each common training loss of every run,
+    then every run's ``val/loss`` (validation computes the full objective for every run)."""
+    rows_by_run = [read_csv(r["train"]["csv"]) for r in results]
+    curves = []
+    for key in common_loss_keys(rows_by_run):
+        for r, rows in zip(results, rows_by_run):
+            x, y = series(rows, key)
+            if x:
+                curves.append((f"{r['name']} {key}", x, y, "-"))
+    for r, rows in zip(results, rows_by_run):
+        x, y = series(rows, "val/loss")
+        if x:
+            curves.append((f"{r['name']} val/loss", x, y, "o--"))
+    return curves
+
+
 def plots(results: list[dict[str, Any]], out: Path) -> dict[str, str]:
     """PNGs of the report (those with something to show); {caption: file name}."""
-    from kangaroo_lit.bench.common import pyplot
+    from kangaroo_lit.bench.common import legend_outside, pyplot
 
     plt = pyplot()
     if plt is None:
@@ -293,24 +326,19 @@ def plots(results: list[dict[str, Any]], out: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         if draw(ax):
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                legend_outside(ax, fontsize=7)  # beside the axes: inside it covered the subtask bars
             ax.grid(alpha=0.3)
             fig.tight_layout()
-            fig.savefig(out / fname, dpi=110)
+            fig.savefig(out / fname, dpi=110, bbox_inches="tight")
             made[caption] = fname
         plt.close(fig)
 
     def losses(ax) -> bool:
-        any_line = False
-        for r in results:
-            rows = read_csv(r["train"]["csv"])
-            for key in ("train/loss", "train/loss_main", "train/loss_exit"):
-                x, y = series(rows, key)
-                if x:
-                    ax.plot(x, y, label=f"{r['name']} {key}")
-                    any_line = True
-        ax.set(xlabel="step", ylabel="loss", title="Training losses")
-        return any_line
+        curves = loss_curves(results)
+        for label, x, y, style in curves:
+            ax.plot(x, y, style, label=label)
+        ax.set(xlabel="step", ylabel="loss", title="Losses (the same quantities for every run)")
+        return bool(curves)
 
     def val_mat(ax) -> bool:
         any_line = False
