@@ -19,9 +19,11 @@ says why and models keep torch's eager linear, which stays the reference the tes
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -96,6 +98,26 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<to
 """
 
 
+_EXTENSION_NAME = "kangaroo_streaming_linear"
+
+
+def _needs_compiling(name: str = _EXTENSION_NAME) -> bool:
+    """Whether ``load_inline`` is about to compile, rather than load torch's cached build of this source.
+
+    The cached build is ``<build dir>/<name>.so`` beside the ``main.cpp`` it was built from; a missing
+    library, or a ``main.cpp`` without this version's source, means a compile. (Changed compiler flags
+    also rebuild, unseen here: then the note is missing, never false.)
+    """
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build = Path(_get_build_directory(name, verbose=False))
+        source = build / "main.cpp"
+        return not ((build / f"{name}.so").is_file() and source.is_file() and _CPP_SOURCE in source.read_text())
+    except Exception:  # a private torch helper: if it moved, assume the slow case and say so
+        return True
+
+
 @functools.lru_cache(maxsize=1)
 def _build() -> tuple[object | None, str]:
     """Compile the extension once per process; returns (module or None, why not)."""
@@ -105,8 +127,11 @@ def _build() -> tuple[object | None, str]:
     try:
         from torch.utils.cpp_extension import load_inline
 
+        if _needs_compiling():
+            # the first --kernel streaming run is otherwise silent for about a minute
+            print("note: compiling the streaming kernel (once, about a minute) ...", file=sys.stderr, flush=True)
         module = load_inline(
-            name="kangaroo_streaming_linear",
+            name=_EXTENSION_NAME,
             cpp_sources=[_CPP_SOURCE],
             functions=["few_rows_linear"],
             # -fopenmp: ATen's parallel_for is an OpenMP pragma in the header; without it the kernel runs on
