@@ -4,9 +4,11 @@ with the times and token counts they record (and with DESIGN §3's definitions),
 import json
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 
+from kangaroo_lit.bench.common import pyplot
 from kangaroo_lit.bench.decode import aggregate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -198,3 +200,26 @@ def test_cost_model_with_streaming_kernel_and_restricted_head(tmp_path):
     assert report["config"]["kernel"] == kernel and report["config"]["draft_vocab_size"] == 64
     with pytest.raises(ConfigError, match="draft_vocab_size must be in 1..512"):  # the tiny shape's vocabulary
         cost_model(shape="tiny", device="cpu", forced=False, draft_vocab_size=10**6)
+
+
+def test_decode_writes_its_files_into_a_fresh_run_directory_by_default(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Without --out_dir the JSON, table and PNG still appear, in runs/bench/decode-<time>, and it says where."""
+    from kangaroo_lit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 plus 3?\n")
+    args = ["bench", "decode", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompts", str(prompts),
+            "--max_new_tokens", "4", "--thresholds", "[0]", "--runs", "1", "--warmup", "0", "--threads", "1"]
+    assert main(args) == 0
+    assert main(args) == 0  # a second run gets its own directory
+    runs = sorted((tmp_path / "runs" / "bench").glob("decode-*"))
+    assert len(runs) == 2
+    for run in runs:
+        expected = {"decode_speed.json", "decode_speed.md"} | ({"decode_speed.png"} if pyplot() else set())
+        assert {p.name for p in run.iterdir()} == expected
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"bench decode: results in {Path('runs') / 'bench' / runs[-1].name}"
+    assert json.loads((runs[0] / "decode_speed.json").read_text())["config"]["out_dir"] == str(
+        Path("runs") / "bench" / runs[0].name)

@@ -217,6 +217,21 @@ def legend_outside(ax, fontsize: str | float = "small"):
                      frameon=False)
 
 
+def fresh_run_dir(root: str | Path, prefix: str) -> Path:
+    """A directory ``<root>/<prefix>-<YYYYmmdd-HHMMSS>`` that does not exist yet (``-2``, ``-3`` ... on a clash).
+
+    A benchmark run without ``--out_dir`` writes here: its files appear, and never overwrite an earlier run's.
+    """
+    import datetime as _dt
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = Path(root) / f"{prefix}-{stamp}", 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(root) / f"{prefix}-{stamp}-{n}"
+    return candidate
+
+
 def write_outputs(out_dir: str | Path, stem: str, report: dict[str, Any], markdown: str,
                   plot: Callable[[dict[str, Any], Path], bool] | None = None) -> list[Path]:
     """Write ``<stem>.json`` (every number), ``<stem>.md`` (the tables) and, when ``plot`` draws one,

@@ -11,9 +11,11 @@ deviation over ``--runs``::
         --stories_prompts runs/stories/data/heldout.jsonl --max_new_tokens 200 --thresholds '[0,0.3,0.6]'
     kangaroo-lit bench decode --artifact runs/tiny/artifact --prompts prompts.jsonl --out_dir /tmp/bench
 
-Outputs under ``--out_dir``: ``decode_speed.json`` (every number, the machine, the versions),
-``decode_speed.md`` (the table) and ``decode_speed.png`` (tokens/s per method; needs matplotlib).
+Outputs under ``--out_dir`` (default: a fresh ``runs/bench/decode-<date>-<time>``; ``--out_dir null``: none):
+``decode_speed.json`` (every number, the machine, the versions), ``decode_speed.md`` (the table) and
+``decode_speed.png`` (tokens/s per method; needs matplotlib). The last lines say where they went.
 """
+
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 
 from kangaroo_lit.bench.common import (
     DType,
+    fresh_run_dir,
     legend_outside,
     machine_info,
     markdown_table,
@@ -40,6 +43,10 @@ from kangaroo_lit.bench.common import (
     write_outputs,
 )
 from kangaroo_lit.errors import ConfigError, DataError
+from kangaroo_lit.settings import DecodingSettings
+
+# ``--out_dir`` left at its default: a new directory under this root for each run.
+DEFAULT_OUT_ROOT = "runs/bench"
 
 # Default prompts follow the kind of data the draft was trained on (an artifact records it): a draft
 # trained on instructions is measured on instructions, rendered as in training; on text, on text.
@@ -88,7 +95,7 @@ def decode(
     runs: int = 3,
     warmup: int = 1,
     threads: int | None = None,
-    out_dir: str | None = None,
+    out_dir: str | None = "auto",
 ) -> dict[str, Any]:
     """Speculative vs vanilla loop vs HF generate on the same prompts; returns the report.
 
@@ -111,9 +118,13 @@ def decode(
         runs: repeats of the whole comparison (mean and std over runs).
         warmup: prompts decoded by every method first, not recorded.
         threads: torch CPU threads for the run (default on CPU: 1), restored afterwards.
-        out_dir: write decode_speed.json, .md and .png here.
+        out_dir: write decode_speed.json, .md and .png here; ``auto``: a fresh
+            ``runs/bench/decode-<date>-<time>``; null: write no files.
     """
     config = dict(locals())
+    for threshold in as_list(thresholds):  # the project's one set of decoding rules
+        DecodingSettings.for_options("--", max_new_tokens=max_new_tokens, threshold=float(threshold),
+                                     max_draft=max_draft)
     config["device"] = str(resolve_device(device))
     if prompts and stories_prompts:
         raise ConfigError("give --prompts or --stories_prompts, not both")
@@ -134,8 +145,11 @@ def decode(
             "records": records,
         }
     print_table("Decoding speed (mean ± std over runs)", SPEED_HEADER, speed_rows(report))
+    if out_dir == "auto":
+        out_dir = config["out_dir"] = str(fresh_run_dir(DEFAULT_OUT_ROOT, "decode"))
     if out_dir:
         write_outputs(out_dir, "decode_speed", report, speed_markdown(report), plot=speed_plot)
+        print(f"bench decode: results in {out_dir}", file=sys.stderr)
     return report
 
 
@@ -214,9 +228,12 @@ def load_prompt_ids(tokenizer, prompts: str | None, stories_prompts: str | None,
 
 
 def hf_generate(lm, ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> tuple[list[int], float]:
-    """HF ``generate(do_sample=False)``: (new tokens, wall seconds)."""
+    """HF ``generate(do_sample=False)`` under the plain generation config Spec-Bench's baseline uses too (a
+    checkpoint's repetition penalty or sampling defaults would change one baseline and not the other)."""
+    from kangaroo_lit.specbench.methods import plain_generation_config
+
     pad = eos if eos is not None else 0
-    with torch.inference_mode():
+    with torch.inference_mode(), plain_generation_config(lm, [] if eos is None else [eos], pad):
         out, wall = timed(lambda: lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                               eos_token_id=eos, pad_token_id=pad), ids.device)
