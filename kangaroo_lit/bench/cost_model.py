@@ -12,14 +12,20 @@ of ``--repeats`` at a fixed context of ``--context`` cached tokens:
 * forced acceptance: every deep layer's ``o_proj`` and ``down_proj`` zeroed (the residual stream
   passes through), the adapter's ``o_proj`` zero (plain early exit), so drafts agree with the full
   model; threshold 0, ``--max_draft`` K: the realised speedup over the vanilla loop against the
-  prediction ``(K + 1) / (K c + v_{K+1})``::
+  prediction ``(K + 1) / (K c + v_{K+1})``;
+* with ``--hf_static_cache eager|compiled`` (once, with the first exit layer): HF ``generate`` on a static
+  KV cache, its decoding step compiled by ``torch.compile`` (``compiled``) or not, beside HF's default
+  (dynamic cache, eager) on the same prompt, the strongest plain-HF greedy baseline to quote a speedup
+  against; compilation and warm-up are timed apart and not counted in its tokens/s::
 
     kangaroo-lit bench cost_model --shape small --exit_layer '[1,2]' --repeats 50 --runs 5 --out_dir /tmp/cost
     python -m kangaroo_lit.bench cost_model --shape llama2-7b --device cuda --dtype bfloat16 \\
         --exit_layer '[1,2]' --out_dir $OUT/bench_decode
 
 Outputs under ``--out_dir``: ``decode_cost_<shape>_<device>.json`` (every number, the machine, the
-versions) and ``.md`` (the tables).
+versions) and ``.md`` (the tables), written at the end; with ``--rows_file`` each measurement (an exit
+layer's costs, its forced run, the static-cache baseline) is also appended there as one JSON line the
+moment it exists, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import gc
 import statistics
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -48,6 +54,7 @@ from kangaroo_lit.bench.common import (
     write_outputs,
 )
 from kangaroo_lit.bench.decode import as_list, hf_generate
+from kangaroo_lit.bench.gpu_suite import append_row
 from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.streaming_linear import Kernel, streaming_linears
 
@@ -69,7 +76,9 @@ def cost_model(
     threads: int | None = None,
     kernel: Kernel = "eager",
     draft_vocab_size: int | None = None,
+    hf_static_cache: Literal["off", "eager", "compiled"] = "off",
     out_dir: str | None = None,
+    rows_file: str | None = None,
 ) -> dict[str, Any]:
     """Measure c, v_k and the forced-acceptance speedup; returns the report.
 
@@ -92,7 +101,11 @@ def cost_model(
             (:mod:`kangaroo_lit.streaming_linear`, CPU float32), for the full step, the draft and verification alike.
         draft_vocab_size: K of a restricted draft head (``draft.vocab_size``; here the first K token ids, which
             costs the same as the K most frequent); None = the full vocabulary.
+        hf_static_cache: also time HF ``generate`` on a static cache (once, with the first exit layer), its
+            decoding step compiled (``compiled``) or eager (``eager``), beside the default dynamic-cache one.
         out_dir: write decode_cost_<shape>_<device>.json and .md here.
+        rows_file: append each measurement here as one JSON line the moment it exists (the GPU suite's
+            results file).
     """
     config = dict(locals())
     device = resolve_device(device)
@@ -101,7 +114,9 @@ def cost_model(
         raise ConfigError("--draft_vocab_size needs --forced false: a restricted head cannot be forced to agree")
     if forced and max_draft + 1 not in ks:
         raise ConfigError(f"--ks must include max_draft + 1 = {max_draft + 1} for the prediction")
-    results, name = [], None
+    results, name, static = [], None, None
+    row = {"bench": "cost_model", "shape": None if base_model else shape, "model": base_model, "dtype": dtype,
+           "device": str(device), "context": context}
     with torch_threads(threads or (1 if device.type == "cpu" else None)):
         for layer in as_list(exit_layer):
             model, name = build_cost_model(shape, base_model, layer, dtype, device, seed, draft_vocab_size)
@@ -109,9 +124,20 @@ def cost_model(
             with streaming_linears(model, kernel == "streaming"):
                 costs = measure_costs(model, context, list(ks), repeats, device, seed)
                 entry = {"exit_layer": layer, **costs}
+                append_row(rows_file, {**row, "kind": "costs", **entry})
                 if forced:
                     entry["forced"] = forced_speedup(model, costs, max_draft, context, runs, forced_new_tokens,
                                                      seed, device)
+                    append_row(rows_file, {**row, "kind": "forced", "exit_layer": layer, **entry["forced"]})
+            if hf_static_cache != "off" and static is None:
+                n_new = forced_new_tokens or 1 + 18 * (max_draft + 1)
+                static = static_cache_baseline(model, context, n_new, runs, seed, device,
+                                               compiled=hf_static_cache == "compiled")
+                forced_entry = entry.get("forced")
+                if forced_entry and "tokens_per_s" in static:  # same prompt, same token count: comparable
+                    static["speculative_over_static"] = forced_entry["tokens_per_s"]["speculative"] / static[
+                        "tokens_per_s"]
+                append_row(rows_file, {**row, "kind": "hf_static_cache", "exit_layer": layer, **static})
             results.append(entry)
             del model
             gc.collect()  # free one 7B model before building the next
@@ -124,6 +150,7 @@ def cost_model(
             "config": config,
             "machine": machine_info(device),
             "layers": results,
+            "hf_static_cache": static,
         }
     for title, header, rows in cost_tables(report):
         print_table(title, header, rows)
@@ -259,6 +286,12 @@ def predicted_speedup(c: float, v_next: float, max_draft: int, extra: float = 0.
     return (max_draft + 1) / (max_draft * c + v_next + extra)
 
 
+def random_prompt(model, context: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The random prompt of the forced-acceptance runs and the static-cache baseline (the same tokens)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
+
+
 def forced_speedup(model, costs: dict[str, Any], max_draft: int, context: int, runs: int,
                    new_tokens: int | None, seed: int, device: torch.device) -> dict[str, Any]:
     """Realised speedup with forced acceptance (threshold 0, max_draft K) against the cost-model prediction.
@@ -273,8 +306,7 @@ def forced_speedup(model, costs: dict[str, Any], max_draft: int, context: int, r
     force_acceptance(model)
     k = max_draft
     n_new = new_tokens or 1 + 18 * (k + 1)
-    g = torch.Generator().manual_seed(seed + 1)
-    prompt = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(device)
+    prompt = random_prompt(model, context, seed, device)
     spec = SelfSpeculativeDecoder(model, threshold=0.0, max_draft=k)
     vanilla = VanillaDecoder(model)
     results: dict[str, Any] = {}
@@ -335,6 +367,67 @@ def forced_speedup(model, costs: dict[str, Any], max_draft: int, context: int, r
     }
 
 
+STATIC_WARMUP_CALLS = 3  # compilation on the first call; CUDA graphs ("reduce-overhead") record on the next ones
+
+
+def static_cache_baseline(model, context: int, new_tokens: int, runs: int, seed: int, device: torch.device,
+                          compiled: bool) -> dict[str, Any]:
+    """HF ``generate`` on a static KV cache (decoding step compiled when ``compiled``) vs HF's default
+    dynamic cache, eager: the same prompt and exactly ``new_tokens`` tokens each, ``runs`` interleaved
+    measured calls (medians) after the warm-up calls, which are timed apart (``compile_and_warmup_s``).
+
+    Tokens/s include the prefill, as the forced-acceptance run's do, so ``speculative_over_static`` compares
+    like with like. A failure (no compiler, a graph break that ``fullgraph`` would refuse, ...) is reported
+    in the result instead of raised: the cost model's own figures must not be lost to the baseline.
+    """
+    from transformers import CompileConfig
+
+    from kangaroo_lit.decoding import reference_model
+
+    prompt = random_prompt(model, context, seed, device)
+    compile_note = "torch.compile (transformers' automatic compilation of the decoding step)" if compiled else \
+        "off (eager static cache)"
+    options: dict[str, Any] = {"cache_implementation": "static"}
+    if compiled and device.type != "cuda":
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        options["compile_config"] = config
+    elif not compiled:
+        options["disable_compile"] = True
+    result: dict[str, Any] = {"cache": "static", "compile": compile_note, "compile_requested": compiled,
+                              "new_tokens": new_tokens,
+                              "prompt_tokens": context, "runs": runs}
+    try:
+        with reference_model(model) as lm, torch.inference_mode():
+            lm.generation_config.eos_token_id = None  # exactly new_tokens tokens, no EOS
+
+            def static_generate() -> tuple[list[int], float]:
+                out, wall = timed(lambda: lm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                                      max_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                                                      pad_token_id=0, eos_token_id=None, **options), device)
+                return out[0, context:].tolist(), wall
+
+            warmups = [static_generate()[1] for _ in range(STATIC_WARMUP_CALLS)]
+            result["compiled"] = hasattr(lm, "_compiled_call")  # transformers set it when it compiled
+            hf_generate(lm, prompt, new_tokens, None)  # the eager baseline's warm-up
+            static_walls, eager_walls = [], []
+            for _ in range(max(1, runs)):
+                static_tokens, wall = static_generate()
+                static_walls.append(wall)
+                eager_tokens, wall = hf_generate(lm, prompt, new_tokens, None)
+                eager_walls.append(wall)
+    except Exception as err:  # noqa: BLE001 - reported in the result (see the docstring)
+        return {**result, "error": f"{type(err).__name__}: {err}"}
+    finally:
+        if compiled:
+            torch._dynamo.reset()  # drop the compiled graphs (and their CUDA-graph memory) with the model
+    static_wall, eager_wall = statistics.median(static_walls), statistics.median(eager_walls)
+    return {**result, "compile_and_warmup_s": sum(warmups), "warmup_walls_s": warmups,
+            "wall_time_s": static_wall, "tokens_per_s": len(static_tokens) / static_wall,
+            "eager_wall_time_s": eager_wall, "eager_tokens_per_s": len(eager_tokens) / eager_wall,
+            "static_over_eager": eager_wall / static_wall, "identical_to_eager": static_tokens == eager_tokens}
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables
 def cost_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -364,7 +457,28 @@ def cost_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[
                          f"{f['predicted_refined']:.3f}", f"{f['realised']:.3f}", f"{f['realised_decode_only']:.3f}",
                          f"{f['realised_over_predicted']:.3f}"])
         tables.append(("Forced acceptance (threshold 0): realised vs predicted (K+1)/(K c + v_{K+1})", header, rows))
+    static = report.get("hf_static_cache")
+    if static:
+        tables.append(static_table(static))
     return tables
+
+
+def static_table(static: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+    """The HF baselines: static cache (compiled or not) beside the default dynamic cache, eager."""
+    title = (f"HF generate baselines ({static['new_tokens']} new tokens after {static['prompt_tokens']}; tokens/s "
+             "include the prefill; compilation and warm-up timed apart)")
+    header = ["cache", "compile", "tok/s", "compile + warm-up (s)", "static / eager", "identical",
+              "speculative / static"]
+    if "error" in static:
+        return title, header, [["static", static["compile"], "error", "", "", "", static["error"][:120]]]
+    ratio = static.get("speculative_over_static")
+    rows = [["dynamic (HF default)", "off", f"{static['eager_tokens_per_s']:.1f}", "", "1.000", "", ""],
+            ["static", static["compile"] + (" (asked for, but nothing compiled)"
+                                            if static["compile_requested"] and not static.get("compiled") else ""),
+             f"{static['tokens_per_s']:.1f}", f"{static['compile_and_warmup_s']:.1f}",
+             f"{static['static_over_eager']:.3f}", str(static["identical_to_eager"]),
+             "" if ratio is None else f"{ratio:.3f}"]]
+    return title, header, rows
 
 
 def cost_markdown(report: dict[str, Any]) -> str:

@@ -32,7 +32,8 @@ does not land on one mode; the report records the load average.
 
 Outputs under ``--out_dir``: ``train_step_<shape>_<device>.json`` (every number, the machine and the
 versions), ``.md`` (the tables for BENCHMARKS.md) and ``.png`` (tokens/s and peak memory per mode;
-skipped when matplotlib is missing).
+skipped when matplotlib is missing), all written at the end; with ``--rows_file`` each worker's result is
+also appended there as one JSON line the moment it finishes, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from kangaroo_lit.bench.common import (
     shape_config,
     write_outputs,
 )
+from kangaroo_lit.bench.gpu_suite import append_row
 from kangaroo_lit.bench.train_worker import run_in_subprocess, run_worker
 from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.settings import KangarooSettings, LoraSettings, LossSettings, OptimizerSettings
@@ -98,6 +100,7 @@ def train_step(
     out_dir: str = str(Path(tempfile.gettempdir()) / "kangaroo_lit_bench"),
     worker_timeout: float | None = None,
     in_process: bool = False,
+    rows_file: str | None = None,
 ) -> dict[str, Any]:
     """Time the training step of every (mode, loop) pair; returns the report.
 
@@ -123,6 +126,8 @@ def train_step(
         out_dir: write train_step_<shape>_<device>.json, .md and .png here.
         worker_timeout: seconds per worker process.
         in_process: run every worker in this process (tests, debugging): peak memories then mix.
+        rows_file: append each worker's result here as one JSON line the moment it finishes (the GPU
+            suite's results file: a run cut short keeps the workers that finished).
     """
     config = dict(locals())
     seq_len = seq_len or (1024 if shape == "llama2-7b" else 256)
@@ -161,6 +166,9 @@ def train_step(
                     print(f"{tag} {result['step_time_s'] * 1e3:.1f} ms/step, {result['tokens_per_s']:,.0f} tokens/s "
                           f"({wall:.0f} s)", file=sys.stderr, flush=True)
                 runs.append(result)
+                append_row(rows_file, {"bench": "train_step", "kind": "worker", "shape": shape, "device": device,
+                                       "seq_len": seq_len, "batch_size": batch_size, "repeat": repeat + 1,
+                                       "wall_s": round(wall, 2), **result})
     results = merge_repeats(runs)
     first_ok = next((r for r in results if "error" not in r), {})
     revision = info["git_revision"]
