@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from kangaroo_lit.settings import DecodingSettings
+
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Write ``predict`` results as JSON lines (one per prompt, in prompt order), each as soon as it is done.
@@ -170,6 +172,12 @@ class DecodeEvalCallback(L.Callback):
                  max_draft: int | None = None, every_n_validations: int = 1) -> None:
         if every_n_validations < 1:
             raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}")
+        # The project's one set of decoding rules (values left to the module's settings are checked there).
+        defaults = DecodingSettings()
+        DecodingSettings.for_options(
+            "DecodeCheck.", max_new_tokens=max_new_tokens,
+            threshold=defaults.threshold if threshold is None else threshold,
+            max_draft=defaults.max_draft if max_draft is None else max_draft)
         self.num_prompts = num_prompts
         self.max_new_tokens = max_new_tokens
         self.threshold = threshold

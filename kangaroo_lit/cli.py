@@ -41,6 +41,7 @@ OWN_SUBCOMMANDS: dict[str, str] = {
     "generate": "kangaroo_lit.cli_generate:main",
     "pull": "kangaroo_lit.model_zoo:main",
     "distill": "kangaroo_lit.distill:main",
+    "self_instruct": "kangaroo_lit.distill:main_self_instruct",
     "bench": "kangaroo_lit.bench.cli:main",
     "specbench": "kangaroo_lit.specbench.cli:main",
 }

@@ -28,6 +28,7 @@ import torch
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
 from kangaroo_lit.errors import ConfigError, KangarooError, ModelSourceError
+from kangaroo_lit.settings import DecodingSettings
 from kangaroo_lit.streaming_linear import streaming_linears
 
 
@@ -47,7 +48,8 @@ class GenerateOptions:
         base_model: base model HF name or local path. Without --artifact: the model to decode with an
             untrained adapter (needs --exit_layer); with --artifact: overrides the base it records.
         exit_layer: exit layer L for a plain --base_model (an artifact records its own).
-        prompt: the prompt text, taken literally (or --prompt_file).
+        prompt: the prompt text, taken literally (or --prompt_file); an empty (or blank) prompt decodes from the
+            tokenizer's BOS token, as HF generate does without input.
         prompt_file: .txt (one prompt per line) or JSONL/JSON with prompt/instruction fields.
         format: raw: the text as is; instruction: the training template (### Instruction: ...);
             chat: the tokenizer's chat template (falls back to instruction).
@@ -60,6 +62,8 @@ class GenerateOptions:
         max_draft: most drafts per round (Kangaroo: 6); >= 1.
         prompt_lookup: most tokens a round copies from an earlier occurrence of the context's last n-gram
             (prompt lookup; 0 = off: the adapter drafts every round).
+        drafter: adapter (the trained draft; with --prompt_lookup, lookup where it matches) or lookup (prompt
+            lookup alone, no draft: a round without a match is a plain step).
         kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (a CPU float32 kernel
             that verifies several tokens for about the price of one; compiled on first use).
         compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
@@ -74,7 +78,7 @@ class GenerateOptions:
     artifact: str | None = None
     base_model: str | None = None
     exit_layer: int | None = None
-    prompt: str = ""  # plain str: a YAML-looking prompt ("null", "# Title") stays text
+    prompt: str | None = None  # parsed as plain text (build_parser): "null" or "# Title" stay text
     prompt_file: str | None = None
     format: Literal["raw", "instruction", "chat"] = "raw"
     max_new_tokens: int = 128
@@ -84,6 +88,7 @@ class GenerateOptions:
     threshold: float = 0.6
     max_draft: int = 6
     prompt_lookup: int = 0
+    drafter: Literal["adapter", "lookup"] = "adapter"
     kernel: Literal["eager", "streaming"] = "eager"
     compare_vanilla: bool = False
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -93,28 +98,24 @@ class GenerateOptions:
     json: bool = False
 
     def __post_init__(self) -> None:
-        from kangaroo_lit.settings import DecodingSettings
-
         if self.artifact is None and self.base_model is None:
             raise ConfigError("give --artifact, or --base_model with --exit_layer")
         if self.artifact is None and self.exit_layer is None:
             raise ConfigError("--base_model without --artifact needs --exit_layer")
-        if bool(self.prompt) == (self.prompt_file is not None):
+        if (self.prompt is None) == (self.prompt_file is None):
             raise ConfigError("give exactly one of --prompt and --prompt_file")
         if self.exit_layer is not None and self.exit_layer < 0:
             raise ConfigError(f"--exit_layer must be >= 0, got {self.exit_layer}")
-        try:  # the same rules as the module's decoding settings, named as this command's options
-            DecodingSettings(max_new_tokens=self.max_new_tokens, threshold=self.threshold, max_draft=self.max_draft,
-                             temperature=self.temperature)
-        except ValueError as err:
-            raise ConfigError(str(err).replace("decoding.", "--", 1)) from None
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.prompt_lookup < 0:
-            raise ConfigError(f"--prompt_lookup must be >= 0 (tokens; 0 = off), got {self.prompt_lookup}")
+        _ = self.decoding  # the project's one set of decoding rules, worded as this command's options
         self._check_device()
+
+    @property
+    def decoding(self) -> DecodingSettings:
+        """The decoding settings of these options (checked: a bad value is a one-line ConfigError)."""
+        return DecodingSettings.for_options(
+            "--", max_new_tokens=self.max_new_tokens, threshold=self.threshold, max_draft=self.max_draft,
+            prompt_lookup=self.prompt_lookup, drafter=self.drafter, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, kernel=self.kernel)
 
     def _check_device(self) -> None:
         if self.device == "auto":
@@ -156,8 +157,10 @@ def build_parser() -> ArgumentParser:
     # exact names only: no abbreviations (an old --ckpt must not quietly mean --ckpt_path)
     parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
-    parser.add_class_arguments(GenerateOptions, as_group=False, as_positional=False, skip=set(SWITCHES))
+    parser.add_class_arguments(GenerateOptions, as_group=False, as_positional=False, skip={*SWITCHES, "prompt"})
     docs = {p.arg_name: p.description for p in parse_docstring(GenerateOptions.__doc__ or "").params}
+    # Plain text, never YAML ("null" stays the word), and absent (None) told apart from an empty prompt.
+    parser.add_argument("--prompt", type=str, default=None, help=docs.get("prompt"))
     for name in SWITCHES:
         parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=False, help=docs.get(name))
     return parser
@@ -208,7 +211,9 @@ def prompt_entries(opts: GenerateOptions) -> list[tuple[str, dict]]:
     """``(where, entry)`` for every prompt: ``--prompt`` or each line/element of ``--prompt_file``."""
     from kangaroo_lit.data.prompt_file import load_prompt_entries
 
-    return load_prompt_entries(opts.prompt_file) if opts.prompt_file else [("--prompt", {"raw": opts.prompt})]
+    if opts.prompt_file:
+        return load_prompt_entries(opts.prompt_file)
+    return [("--prompt", {"raw": opts.prompt})]
 
 
 def prompt_texts(opts: GenerateOptions, tokenizer, entries: list[tuple[str, dict]] | None = None) -> list[str]:
@@ -221,6 +226,19 @@ def prompt_texts(opts: GenerateOptions, tokenizer, entries: list[tuple[str, dict
             entry = {"instruction": entry["raw"], "context": ""}
         texts.append(render_prompt(entry, tokenizer, use_chat_template=opts.format == "chat"))
     return texts
+
+
+def encode_prompt(tokenizer, text: str, where: str) -> torch.Tensor:
+    """(1, T) ids of a rendered prompt; an empty or blank one is the BOS token alone (HF ``generate``'s start
+    without input), or a ConfigError naming ``where`` when the tokenizer has no BOS."""
+    if text.strip():
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1]:
+            return ids
+    if tokenizer.bos_token_id is None:
+        raise ConfigError(f"{where}: the prompt is empty and the tokenizer has no BOS token to start from; "
+                          "give a prompt")
+    return torch.tensor([[tokenizer.bos_token_id]])
 
 
 def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, stream: bool) -> dict[str, Any]:
@@ -240,8 +258,7 @@ def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, strea
         sys.stdout.flush()
         printed["text"] = full
 
-    decoder = SelfSpeculativeDecoder(model, threshold=opts.threshold, max_draft=opts.max_draft,
-                                     on_round=on_round if stream else None, prompt_lookup=opts.prompt_lookup)
+    decoder = SelfSpeculativeDecoder(model, drafter=opts.decoding.make_drafter(), on_round=on_round if stream else None)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     result = decoder.generate(ids, opts.max_new_tokens, eos, generator=gen, **sampling)
     out: dict[str, Any] = {
@@ -290,7 +307,7 @@ def generate(opts: GenerateOptions) -> int:
     if next(model.parameters()).device.type == "cpu":
         torch.set_num_threads(choose_threads(sum(p.numel() for p in model.parameters()), opts.threads))
     texts = prompt_texts(opts, tokenizer, entries)
-    encoded = [tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    encoded = [encode_prompt(tokenizer, text, where) for (where, _), text in zip(entries, texts)]
     check_prompt_lengths([(where, ids.shape[1]) for (where, _), ids in zip(entries, encoded)], opts.max_new_tokens,
                          getattr(model.config, "max_position_embeddings", None))
     stream = not opts.json and not opts.compare_vanilla

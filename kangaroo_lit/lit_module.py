@@ -85,7 +85,7 @@ class KangarooLitModule(L.LightningModule):
     def __init__(
         self,
         base_model: str = TINY_MODEL,
-        exit_layer: int = 6,
+        exit_layer: int = 1,  # valid for the default base (the embedded 6-layer model: 0..4); configs/tiny.yaml
         dtype: str = "float32",
         attn_implementation: Literal["sdpa", "eager"] = "sdpa",
         lora: LoraSettings = DEFAULT_LORA,

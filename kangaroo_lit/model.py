@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,44 +25,11 @@ from transformers.cache_utils import Cache
 
 from kangaroo_lit.adapter import KangarooAdapter
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
+from kangaroo_lit.settings import ExitHeadMode, LoraScope, LoraSettings
 
-LoraScope = Literal["draft", "shared"]
-ExitHeadMode = Literal["shared", "trainable"]
-LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF attention backends that take the 4-D additive masks of :func:`causal_attention_mask`. (Flash
 # attention reads a 2-D padding mask instead, flex attention a BlockMask: not supported.)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA on the shallow layers ``0..exit_layer``.
-
-    Fields marked ``structural`` define the trainable tensors: a checkpoint must match them
-    (:mod:`kangaroo_lit.settings`).
-
-    Args:
-        rank: LoRA rank; 0 turns LoRA off (pure Kangaroo).
-        alpha: scaling numerator (scale = alpha / rank).
-        dropout: dropout on the LoRA input.
-        target_modules: module names LoRA wraps (the Llama names also fit Mistral, Qwen2 and Qwen3).
-        scope: ``draft`` (LoRA only on the draft path; the verifier stays the untouched base) or
-            ``shared`` (LoRA in both paths, the original SGP code; lossless only w.r.t. the merged model).
-    """
-
-    rank: int = field(default=8, metadata={"structural": True})
-    alpha: float = field(default=16.0, metadata={"structural": True})
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: list(LLAMA_TARGET_MODULES), metadata={"structural": True}
-    )
-    scope: LoraScope = field(default="draft", metadata={"structural": True})
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
-        if self.scope not in ("draft", "shared"):
-            raise ValueError(f"lora.scope must be 'draft' or 'shared', got {self.scope!r}")
 
 
 @dataclass

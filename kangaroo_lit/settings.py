@@ -2,7 +2,7 @@
 
 The LightningModule takes the base model and the exit layer plus one settings object per concern:
 
-* :class:`~kangaroo_lit.model.LoraSettings`: LoRA on the shallow layers (``model.lora.*``);
+* :class:`LoraSettings`: LoRA on the shallow layers (``model.lora.*``);
 * :class:`DraftSettings`: the draft path's exit head (``model.draft.*``);
 * :class:`LossSettings`: the training objective (``model.loss.*``);
 * :class:`OptimizerSettings`: AdamW and its learning-rate schedule (``model.optimizer.*``);
@@ -22,10 +22,48 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from kangaroo_lit.errors import ConfigError
-from kangaroo_lit.model import ExitHeadMode, LoraSettings
+
+if TYPE_CHECKING:  # the decoding package imports these settings; at run time it is imported lazily
+    from kangaroo_lit.decoding.drafters import Drafter
+    from kangaroo_lit.decoding.sampling import SamplingConfig
+
+LoraScope = Literal["draft", "shared"]
+ExitHeadMode = Literal["shared", "trainable"]
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the shallow layers ``0..exit_layer``.
+
+    Fields marked ``structural`` define the trainable tensors: a checkpoint must match them
+    (:mod:`kangaroo_lit.settings`).
+
+    Args:
+        rank: LoRA rank; 0 turns LoRA off (pure Kangaroo).
+        alpha: scaling numerator (scale = alpha / rank).
+        dropout: dropout on the LoRA input.
+        target_modules: module names LoRA wraps (the Llama names also fit Mistral, Qwen2 and Qwen3).
+        scope: ``draft`` (LoRA only on the draft path; the verifier stays the untouched base) or
+            ``shared`` (LoRA in both paths, the original SGP code; lossless only w.r.t. the merged model).
+    """
+
+    rank: int = field(default=8, metadata={"structural": True})
+    alpha: float = field(default=16.0, metadata={"structural": True})
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: list(LLAMA_TARGET_MODULES), metadata={"structural": True}
+    )
+    scope: LoraScope = field(default="draft", metadata={"structural": True})
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        if self.scope not in ("draft", "shared"):
+            raise ValueError(f"lora.scope must be 'draft' or 'shared', got {self.scope!r}")
 
 __all__ = [
     "DecodingSettings",
@@ -125,33 +163,115 @@ class OptimizerSettings:
             raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
+# The streaming CPU kernel multiplies at most this many input rows at once (kangaroo_lit.streaming_linear);
+# a verification pass covers the drafts plus the round's first token.
+KERNEL_MAX_ROWS = 8
+KERNELS = ("eager", "streaming")
+# Where drafts come from (kangaroo_lit.decoding.drafters): the trained adapter (with prompt lookup where it
+# matches, when prompt_lookup > 0), or prompt lookup alone.
+DRAFTER_KINDS = ("adapter", "lookup")
+
+
 @dataclass(frozen=True)
 class DecodingSettings:
-    """Self-speculative decoding in ``predict`` and in the decode checks (never part of training).
+    """How the self-speculative decoder decodes (never part of training).
 
     Args:
-        max_new_tokens: tokens to generate per prompt.
-        threshold: a draft whose top-1 probability is below this ends the round (Kangaroo: 0.6); in [0, 1].
-        max_draft: most tokens drafted per round (Kangaroo: 6).
-        temperature: 0 = greedy, else lossless speculative sampling.
+        max_new_tokens: tokens to generate per prompt (>= 1).
+        threshold: a draft whose top-1 probability is below this ends the round (Kangaroo: 0.6); in [0, 1]
+            (0: always draft ``max_draft``; 1: draft one token a round).
+        max_draft: most tokens drafted per round by the adapter (Kangaroo: 6); >= 1.
+        prompt_lookup: most tokens a round copies from an earlier occurrence of the context's last n-gram
+            (prompt lookup; 0 = off); >= 0.
+        drafter: ``adapter`` (the trained draft; with ``prompt_lookup`` > 0, lookup where it matches) or
+            ``lookup`` (prompt lookup alone: a round without a match is a plain step).
+        temperature: 0 = greedy, else lossless speculative sampling at this temperature (>= 0).
+        top_p: nucleus sampling mass, in (0, 1] (1 = off).
+        top_k: top-k sampling, >= 0 (0 = off).
+        kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (the CPU float32
+            kernel: a verification pass for about the price of one step).
     """
 
-    FREE_ON_RESUME: ClassVar[bool] = True
+    FREE_ON_RESUME: ClassVar[bool] = True  # a resumed training run may change how it decodes
 
     max_new_tokens: int = 128
     threshold: float = 0.6
     max_draft: int = 6
+    prompt_lookup: int = 0
+    drafter: Literal["adapter", "lookup"] = "adapter"
     temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kernel: Literal["eager", "streaming"] = "eager"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 1:
-            raise ConfigError(f"decoding.threshold must be in [0, 1], got {self.threshold}")
-        if self.max_draft < 1:
-            raise ConfigError(f"decoding.max_draft must be >= 1, got {self.max_draft}")
+        self.check("decoding.")
+
+    def check(self, prefix: str) -> None:
+        """Raise :class:`ConfigError` for the first value out of range, naming it ``prefix + field``."""
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{prefix}{name} must be {rule}, got {getattr(self, name)!r}")
+
         if self.max_new_tokens < 1:
-            raise ConfigError(f"decoding.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise bad("max_new_tokens", ">= 1")
+        if not 0 <= self.threshold <= 1:
+            raise bad("threshold", "in [0, 1]")
+        if self.max_draft < 1:
+            raise bad("max_draft", ">= 1")
+        if self.prompt_lookup < 0:
+            raise bad("prompt_lookup", ">= 0 (tokens; 0 = off)")
+        if self.drafter not in DRAFTER_KINDS:
+            raise bad("drafter", f"one of {', '.join(DRAFTER_KINDS)}")
+        if self.drafter == "lookup" and self.prompt_lookup < 1:
+            raise ConfigError(f"{prefix}drafter lookup needs {prefix}prompt_lookup >= 1 (tokens copied per round)")
         if self.temperature < 0:
-            raise ConfigError(f"decoding.temperature must be >= 0, got {self.temperature}")
+            raise bad("temperature", ">= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            raise bad("top_k", ">= 0 (0 = off)")
+        if self.kernel not in KERNELS:
+            raise bad("kernel", f"one of {', '.join(KERNELS)}")
+        if self.kernel == "streaming":
+            rows = 1 + max(self.prompt_lookup, self.max_draft if self.drafter == "adapter" else 0)
+            if rows > KERNEL_MAX_ROWS:
+                raise ConfigError(
+                    f"{prefix}kernel streaming verifies at most {KERNEL_MAX_ROWS} tokens a pass, but "
+                    f"{prefix}max_draft {self.max_draft} / {prefix}prompt_lookup {self.prompt_lookup} make "
+                    f"passes of {rows}; use at most {KERNEL_MAX_ROWS - 1} drafted or copied tokens")
+
+    @classmethod
+    def for_options(cls, prefix: str = "--", **values) -> DecodingSettings:
+        """Build and check with errors worded for the caller's options (``--threshold`` on a command line)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        settings = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(settings, f.name, values.get(f.name, f.default))
+        unknown = set(values) - known
+        if unknown:
+            raise TypeError(f"unknown decoding settings {sorted(unknown)}")
+        settings.check(prefix)
+        return settings
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The sampling rule (greedy at temperature 0)."""
+        from kangaroo_lit.decoding.sampling import SamplingConfig
+
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def make_drafter(self, prompt_lookup_ngram: tuple[int, int] = (2, 3)) -> Drafter:
+        """The drafter these settings describe."""
+        from kangaroo_lit.decoding.drafters import make_drafter
+
+        return make_drafter(self.drafter, self.threshold, self.max_draft, self.prompt_lookup, prompt_lookup_ngram)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Every field changes what is decoded or how fast: a resumed benchmark must match them all.
+DECODING_ANSWER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DecodingSettings))
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ def build_decoding_model(
     import torch
 
     from kangaroo_lit.architectures import load_base_model
-    from kangaroo_lit.model import KangarooModel, LoraSettings
+    from kangaroo_lit.model import KangarooModel
+    from kangaroo_lit.settings import LoraSettings
 
     base = load_base_model(str(model_dir), "float64", attn_implementation)
     base.generation_config.eos_token_id = None  # EOS only where a test asks for it

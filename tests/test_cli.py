@@ -52,6 +52,16 @@ def test_every_config_runs_fast_dev_run(config, tmp_path, tiny_llama_dir):
             assert getattr(getattr(cli.model.settings, group), key) == pytest.approx(value), f"{group}.{key}"
 
 
+def test_fit_on_the_embedded_model_without_a_config(tmp_path):
+    """The defaults alone (the embedded base, its default exit layer) train: only data and CPU are given."""
+    cli = run_lightning(["fit", "--model.base_model", "embedded:tiny-llama", "--trainer.accelerator", "cpu",
+                         "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
+                         "--data.data_path", str(DOLLY_FIXTURE), "--data.num_workers", "0",
+                         "--data.cache_dir", str(tmp_path / "cache")])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert cli.model.settings.exit_layer == 1
+
+
 def test_overlays_set_scope_and_joint_mode(tmp_path, tiny_llama_dir):
     cli = run_lightning(["fit", "--config", str(REPO_ROOT / "configs/sgp.yaml"),
                          "--config", str(REPO_ROOT / "configs/shared-lora.yaml"),

@@ -29,7 +29,8 @@ DRAFT_VOCAB = 64  # K of the restricted draft head (draft.vocab_size) in the "k6
 def build_restricted_model(model_dir, exit_layer: int, mode: str, seed: int, k: int = DRAFT_VOCAB):
     """As ``build_decoding_model`` (float64, perturbed), with an exit head over ``k`` random token ids."""
     from kangaroo_lit.architectures import load_base_model
-    from kangaroo_lit.model import KangarooModel, LoraSettings
+    from kangaroo_lit.model import KangarooModel
+    from kangaroo_lit.settings import LoraSettings
 
     base = load_base_model(str(model_dir), "float64")
     base.generation_config.eos_token_id = None

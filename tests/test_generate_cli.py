@@ -49,6 +49,31 @@ def test_generate_streams_text_and_summary(tiny_llama_dir, capsys):
     assert "tokens/s, MAT" in captured.err
 
 
+def test_an_empty_prompt_decodes_from_bos_and_null_stays_text(tiny_llama_dir, capsys):
+    """--prompt "" (or blank) starts from the BOS token, as HF generate without input; "null" is a word."""
+    from kangaroo_lit.architectures import load_base_model
+    from kangaroo_lit.model import KangarooModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = KangarooModel(load_base_model(str(tiny_llama_dir), "float64"), 1, trainable_dtype=torch.float64).eval()
+    for prompt, ids in (("", [[tok.bos_token_id]]), (" ", [[tok.bos_token_id]]),
+                        ("null", tok("null", return_tensors="pt").input_ids.tolist())):
+        code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", prompt,
+                     "--max_new_tokens", "6", "--dtype", "float64", "--json"])
+        assert code == 0
+        expected = VanillaDecoder(model).generate(torch.tensor(ids), 6, tok.eos_token_id)
+        assert json.loads(capsys.readouterr().out)["text"] == tok.decode(expected.tokens, skip_special_tokens=True)
+
+
+def test_generate_with_the_lookup_drafter_equals_vanilla(tiny_llama_dir, capsys):
+    code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "a b c a b c a b",
+                 "--max_new_tokens", "12", "--dtype", "float64", "--drafter", "lookup", "--prompt_lookup", "3",
+                 "--compare_vanilla", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["identical"] is True
+
+
 def test_generate_sampling_json_has_null_identical(tiny_llama_dir, capsys):
     code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "hi",
                  "--max_new_tokens", "8", "--temperature", "0.8", "--top_p", "0.9", "--compare_vanilla", "--json"])

@@ -67,7 +67,7 @@ def test_bad_settings_are_refused_with_their_name(bad, match):
 
 def test_reconcile_adopts_defaults_notes_free_changes_and_refuses_the_rest():
     defaults = KangarooLitModule.default_settings().to_dict()
-    saved = KangarooSettings(base_model="m", exit_layer=1, lora=LoraSettings(rank=4, dropout=0.2),
+    saved = KangarooSettings(base_model="m", exit_layer=3, lora=LoraSettings(rank=4, dropout=0.2),
                              decoding=DecodingSettings(threshold=0.4)).to_dict()
     given = KangarooSettings(base_model="m", exit_layer=2, lora=LoraSettings(rank=16, dropout=0.3),
                              decoding=DecodingSettings(threshold=0.9)).to_dict()
@@ -81,7 +81,7 @@ def test_reconcile_adopts_defaults_notes_free_changes_and_refuses_the_rest():
     assert "model.lora.dropout=0.3 (checkpoint has 0.2)" in validate.notes
     # left at the defaults: everything is taken from the checkpoint
     adopted = reconcile_settings(defaults, saved, defaults, fitting=True)
-    assert adopted.conflicts == [] and adopted.adopt["lora.rank"] == 4 and adopted.adopt["exit_layer"] == 1
+    assert adopted.conflicts == [] and adopted.adopt["lora.rank"] == 4 and adopted.adopt["exit_layer"] == 3
 
 
 def _closed_form(step, warmup, total, ratio, schedule):

@@ -8,7 +8,7 @@ import pytest
 from kangaroo_lit.specbench.answers import CHOICE_FIELDS, FIELDS
 from kangaroo_lit.specbench.cli import main, parse
 
-ALL_METHODS = ["vanilla", "generate", "pld", "hf_early_exit", "early_exit"]
+ALL_METHODS = ["vanilla", "generate", "pld", "hf_early_exit", "lookup", "early_exit"]
 # One of each shape: an MT-Bench question (two turns), a short one and a long one (cut to fit the context).
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a poem about the sea.", "Now make it rhyme."]},
@@ -80,7 +80,8 @@ def test_answer_files_have_every_field_spec_bench_reads(float64_run):
             assert all(isinstance(t, str) for t in choice["turns"])
             assert choice["new_tokens"] == [len(t) for t in choice["token_ids"]]
             assert all(w > 0 for w in choice["wall_time"])
-            if method in ("vanilla", "early_exit"):  # our decoders: one flat list over the turns, summing to the tokens
+            # our decoders: one flat list over the turns, summing to the tokens
+            if method in ("vanilla", "lookup", "early_exit"):
                 assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
                 assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
             else:  # HF generate reports no per-pass accept lengths
@@ -151,6 +152,28 @@ def test_other_settings_in_the_same_out_dir_are_refused(float64_run, capsys):
     assert run(questions, out, "--dtype", "float64", "--exit_layer", "2", model=model) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out_dir") and "exit_layer 1 there, 2 now" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("change", [["--kernel", "streaming"], ["--turns", "1"], ["--prompt_lookup", "3"]],
+                         ids=["kernel", "turns", "prompt_lookup"])
+def test_a_resume_with_another_answer_or_timing_setting_is_refused(float64_run, capsys, change):
+    """Kernel, turns and prompt lookup change answers or timings: a resume must match them too."""
+    questions, model, out = float64_run
+    capsys.readouterr()
+    assert run(questions, out, "--dtype", "float64", "--exit_layer", "1", "--threshold", "0.0", *change,
+               model=model) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out_dir") and f"{change[0][2:]} " in err and "--overwrite" in err
+
+
+def test_turns_beyond_a_questions_own_are_its_own(tmp_path, tiny_llama_dir, question_file, one_thread):
+    """--turns 2 over every subtask: two turns where a question has two, one where it has one."""
+    out = tmp_path / "out"
+    assert run(question_file, out, "--turns", "2", "--methods", "[vanilla,lookup]", "--exit_layer", "1",
+               model=tiny_llama_dir) == 0
+    for method in ("vanilla", "lookup"):
+        turns = {r["question_id"]: len(r["choices"][0]["turns"]) for r in lines(out / "run_1" / f"{method}.jsonl")}
+        assert turns == {81: 2, 321: 1, 481: 1}
 
 
 def test_trained_draft_from_an_artifact_is_identical_in_float64(tmp_path, tiny_llama_dir, question_file, one_thread):

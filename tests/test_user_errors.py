@@ -123,6 +123,9 @@ def test_a_moved_base_model_says_to_pass_base_model(artifact, tiny_llama_dir, tm
         (["--top_k", "-1"], "--top_k must be >= 0"),
         (["--exit_layer", "-1"], "--exit_layer must be >= 0"),
         (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+        (["--drafter", "lookup"], "--drafter lookup needs --prompt_lookup >= 1"),
+        (["--kernel", "streaming", "--prompt_lookup", "10"], "--kernel streaming verifies at most 8 tokens a pass"),
+        (["--kernel", "streaming", "--max_draft", "8"], "--kernel streaming verifies at most 8 tokens a pass"),
     ],
 )
 def test_generate_refuses_out_of_range_options(tiny_llama_dir, argv, expected, capsys):

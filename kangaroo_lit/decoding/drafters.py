@@ -26,12 +26,12 @@ from transformers import DynamicCache
 
 from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
 from kangaroo_lit.decoding.sampling import SamplingConfig, choose
+from kangaroo_lit.settings import DRAFTER_KINDS
 
 # (B, V) draft logits, absolute position of the token being drafted -> (B, V) logits to draft from.
 # (With a restricted draft head the hook sees them scattered to V, -inf outside the draft vocabulary.)
 DraftLogitsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
-DRAFTER_KINDS = ("adapter", "lookup")
 
 
 @dataclass
@@ -112,8 +112,8 @@ class AdapterDrafter(Drafter):
     """The Kangaroo draft path: one token per step until confidence < ``threshold`` or ``max_draft``.
 
     Args:
-        threshold: a draft whose top-1 probability is below this ends the round (0: always draft
-            ``max_draft``; >= 1: draft exactly one). Greedy reads the draft distribution at temperature
+        threshold: a draft whose top-1 probability is below this ends the round, in [0, 1] (0: always
+            draft ``max_draft``; 1: draft exactly one). Greedy reads the draft distribution at temperature
             1; sampling the warped distribution the draft was drawn from.
         max_draft: most tokens per round (>= 1).
         draft_logits_fn: test hook, see :data:`DraftLogitsFn`.
@@ -122,8 +122,8 @@ class AdapterDrafter(Drafter):
     def __init__(self, threshold: float = 0.6, max_draft: int = 6, draft_logits_fn: DraftLogitsFn | None = None):
         if max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {max_draft}")
-        if threshold < 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.threshold = threshold
         self.max_draft = max_draft
         self.draft_logits_fn = draft_logits_fn

@@ -97,8 +97,8 @@ class SelfSpeculativeDecoder:
 
     Args:
         model: the model, in eval mode.
-        threshold: a draft whose top-1 probability is below this ends the round (0: always draft
-            ``max_draft``; >= 1: draft exactly one).
+        threshold: a draft whose top-1 probability is below this ends the round, in [0, 1] (0: always
+            draft ``max_draft``; 1: draft exactly one).
         max_draft: most tokens drafted per round (>= 1).
         draft_logits_fn: test hook; rewrites the (B, V) draft logits of the token at a given absolute
             position before the draft token (and its confidence) is chosen from them.

@@ -79,8 +79,9 @@ def specbench(
         subtasks: some of mt_bench, translation, summarization, qa, math_reasoning, rag (default all).
         limit: the first N questions of each subtask (default all 80).
         turns: answer only the first N turns of each question (MT-Bench has two; default all).
-        methods: some of vanilla, generate, pld, hf_early_exit, kangaroo, kangaroo_lookup, early_exit (default
-            all that apply; vanilla always runs: it is the baseline).
+        methods: some of vanilla, generate, pld, pld7 (HF prompt lookup at 7 tokens), hf_early_exit, lookup
+            (prompt lookup alone in this project's decoder), kangaroo, kangaroo_lookup, early_exit (default all
+            that apply but pld7; vanilla always runs: it is the baseline).
         max_new_tokens: most tokens per answer (Spec-Bench: 1024); prompts longer than the context minus this are
             cut from the left and counted.
         temperature: 0 = greedy (Spec-Bench's setting), else sampling at this temperature (outputs are then not
@@ -93,7 +94,7 @@ def specbench(
         max_draft: most drafts per round, likewise (default the artifact's, else 6).
         pld_num_tokens: prompt lookup: tokens proposed per round (prompt_lookup_num_tokens; Spec-Bench: 10).
         pld_ngram_size: prompt lookup: longest n-gram matched (max_matching_ngram_size; Spec-Bench: 3).
-        prompt_lookup: kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
+        prompt_lookup: lookup and kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
         kernel: linear layers over <= 8 rows: eager (``F.linear``) or streaming (the CPU kernel of
             :mod:`kangaroo_lit.streaming_linear`, float32); every method, the baseline too, decodes with it.
         dtype: dtype of the whole model.

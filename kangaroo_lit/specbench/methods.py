@@ -10,6 +10,11 @@ loop's tokens:
 ``pld``             HF prompt lookup decoding: ``prompt_lookup_num_tokens=10``,
                     ``max_matching_ngram_size=3`` (Spec-Bench's PLD: ``draft_num_candidate_tokens=10``,
                     ``draft_matching_window_size=3``)
+``pld7``            the same with 7 proposed tokens (8-row verification windows: within the
+                    streaming kernel's limit, like ``--prompt_lookup 7``); only when asked for
+``lookup``          prompt lookup alone in this project's decoder (no draft path; a round without a
+                    match is a plain one-token step): what ``kangaroo_lookup`` gains over it is the
+                    draft's
 ``hf_early_exit``   HF's LayerSkip-style self-speculation, ``assistant_early_exit=L + 1``: the first
                     ``L + 1`` layers (``0..L``, our exit layer ``L``) + final norm + ``lm_head`` draft,
                     with the same drafting rule as Kangaroo (at most ``max_draft`` drafts, a round
@@ -43,12 +48,18 @@ from typing import Any
 import torch
 
 from kangaroo_lit.bench.common import timed
-from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, reference_model
+from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, make_drafter, reference_model
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from kangaroo_lit.model import KangarooModel
 
-METHOD_ORDER = ("vanilla", "generate", "pld", "hf_early_exit", "kangaroo", "kangaroo_lookup", "early_exit")
-HF_METHODS = ("generate", "pld", "hf_early_exit")
+METHOD_ORDER = ("vanilla", "generate", "pld", "pld7", "hf_early_exit", "lookup", "kangaroo", "kangaroo_lookup",
+                "early_exit")
+# Without --methods: all but pld7 (HF prompt lookup at 7 tokens is the peer for kernel-bound ablations).
+DEFAULT_METHODS = tuple(m for m in METHOD_ORDER if m != "pld7")
+HF_METHODS = ("generate", "pld", "pld7", "hf_early_exit")
+# HF prompt lookup with 7 proposed tokens: its verification windows (8 rows) stay within the streaming
+# kernel's row limit, as ``--prompt_lookup 7`` does.
+PLD_KERNEL_TOKENS = 7
 
 
 @dataclass
@@ -220,6 +231,14 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
             "pld", f"HF prompt lookup (prompt_lookup_num_tokens={pld_num_tokens}, "
             f"max_matching_ngram_size={pld_ngram_size})", model, eos,
             {"prompt_lookup_num_tokens": pld_num_tokens, "max_matching_ngram_size": pld_ngram_size}),
+        "pld7": lambda: HFGenerateMethod(
+            "pld7", f"HF prompt lookup (prompt_lookup_num_tokens={PLD_KERNEL_TOKENS}, "
+            f"max_matching_ngram_size={pld_ngram_size})", model, eos,
+            {"prompt_lookup_num_tokens": PLD_KERNEL_TOKENS, "max_matching_ngram_size": pld_ngram_size}),
+        "lookup": lambda: DecoderMethod(
+            "lookup", f"prompt lookup alone in the self-speculative decoder (at most {prompt_lookup} copied tokens, "
+            "n-grams 3..2; a round without a match is a plain step)", model, eos,
+            SelfSpeculativeDecoder(model, drafter=make_drafter("lookup", prompt_lookup=prompt_lookup))),
         "hf_early_exit": lambda: HFGenerateMethod(
             "hf_early_exit", f"HF assistant_early_exit={L + 1} (layers 0..{L}, untrained), "
             f"num_assistant_tokens={max_draft}, assistant_confidence_threshold={threshold:g}", model, eos,

@@ -163,7 +163,8 @@ def markdown(summary: dict[str, Any], heading: str, descriptions: dict[str, str]
     parts += ["", "Overall:", "", markdown_table(OVERALL_HEADER, overall_rows(summary), left=1)]
     if descriptions:
         parts += ["", "Methods:", ""] + [f"* `{m}`: {descriptions[m]}" for m in summary["methods"] if m in descriptions]
-    parts += ["", "HF `generate` methods (`generate`, `pld`, `hf_early_exit`) return no per-pass accept lengths: "
+    parts += ["", "HF `generate` methods (`generate`, `pld`, `pld7`, `hf_early_exit`) return no per-pass accept "
+              "lengths: "
               "their MAT and acceptance come from counting the model's forward passes and the tokens fed to them. "
               "New tokens are counted as generated (up to and including EOS) for every method; Spec-Bench's "
               "`speed.py` re-tokenizes the baseline's text instead, so compare with its leaderboard with care.",

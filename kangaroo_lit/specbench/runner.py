@@ -25,20 +25,26 @@ import torch
 from kangaroo_lit.bench.common import machine_info, print_table, resolve_device, rotated, torch_threads, write_outputs
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from kangaroo_lit.errors import ConfigError, ModelSourceError
+from kangaroo_lit.settings import DECODING_ANSWER_FIELDS, DecodingSettings
 from kangaroo_lit.specbench import answers as answer_files
 from kangaroo_lit.specbench import report
 from kangaroo_lit.specbench.conversation import PromptRenderer, Template
-from kangaroo_lit.specbench.methods import METHOD_ORDER, Method, TurnResult, build_methods
+from kangaroo_lit.specbench.methods import DEFAULT_METHODS, METHOD_ORDER, Method, TurnResult, build_methods
 from kangaroo_lit.specbench.questions import Question, load_questions, select_questions
 from kangaroo_lit.streaming_linear import streaming_linears
 
 DEFAULT_BASE_MODEL = "embedded:tiny-llama"
 DEFAULT_EXIT_LAYER = 1  # Kangaroo's "exit at layer 2"; the embedded model's configs/tiny.yaml
 STATE_FILE = "specbench.json"
-# Settings that change what an answer is: answers made with others cannot be resumed into the same files.
-ANSWER_SETTINGS = ("questions_sha256", "model", "artifact", "exit_layer", "dtype", "template", "max_new_tokens",
-                   "temperature", "top_p", "top_k", "seed", "threshold", "max_draft", "pld_num_tokens",
-                   "pld_ngram_size")
+# Settings that change what an answer is or how fast it came: answers (and timings) made with others
+# cannot be resumed into the same files, or one summary would mix two configurations. The decoding
+# settings' own fields all count (the methods replace its drafter choice).
+ANSWER_SETTINGS = ("questions_sha256", "model", "artifact", "exit_layer", "dtype", "template", "seed",
+                   "pld_num_tokens", "pld_ngram_size", "turns",
+                   *(f for f in DECODING_ANSWER_FIELDS if f != "drafter"))
+# Methods whose drafts come from prompt lookup (they need --prompt_lookup >= 1) or from the adapter.
+LOOKUP_METHODS = ("lookup", "kangaroo_lookup")
+ADAPTER_METHODS = ("kangaroo", "kangaroo_lookup", "early_exit")
 
 
 @dataclass(frozen=True)
@@ -84,26 +90,38 @@ class SpecBenchSettings:
             raise ConfigError(f"--warmup must be >= 0 (questions), got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.max_draft is not None and self.max_draft < 1:
-            raise ConfigError(f"--max_draft must be >= 1, got {self.max_draft}")
         if self.turns is not None and self.turns < 1:
             raise ConfigError(f"--turns must be >= 1, got {self.turns}")
-        if self.prompt_lookup < 1:
-            raise ConfigError(f"--prompt_lookup must be >= 1 (tokens), got {self.prompt_lookup}")
+        methods = self.methods or METHOD_ORDER
+        # The project's one set of decoding rules, for each kind of drafter the methods use.
+        for drafter, used in (("adapter", ADAPTER_METHODS), ("lookup", LOOKUP_METHODS)):
+            if any(m in used for m in methods):
+                self.decoding(drafter)
         if self.pld_num_tokens < 1 or self.pld_ngram_size < 1:
             raise ConfigError("--pld_num_tokens and --pld_ngram_size must be >= 1")
         if self.exit_layer is not None and self.exit_layer < 0:
             raise ConfigError(f"--exit_layer must be >= 0, got {self.exit_layer}")
-        try:
-            SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        try:  # every method samples alike (HF's too)
+            _ = self.sampling
         except ValueError as err:
             raise ConfigError(f"--{err}") from None
         unknown = [m for m in self.methods or () if m not in METHOD_ORDER]
         if unknown:
             raise ConfigError(f"--methods: unknown method(s) {', '.join(map(repr, unknown))}; allowed: "
                               f"{', '.join(METHOD_ORDER)}")
+
+    def decoding(self, drafter: str) -> DecodingSettings:
+        """The decoding settings of a method drafting with ``drafter`` (checked; errors name the options).
+
+        ``--threshold`` / ``--max_draft`` left open are checked at the defaults here (an artifact's recorded
+        values, which the run then uses, were checked when it was trained)."""
+        defaults = DecodingSettings()
+        return DecodingSettings.for_options(
+            "--", max_new_tokens=self.max_new_tokens,
+            threshold=defaults.threshold if self.threshold is None else self.threshold,
+            max_draft=defaults.max_draft if self.max_draft is None else self.max_draft,
+            prompt_lookup=self.prompt_lookup, drafter=drafter, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, kernel=self.kernel)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -307,7 +325,8 @@ class Conversations:
         texts: list[str] = []
         results: list[TurnResult] = []
         lengths, cuts = [], []
-        for t in range(len(question.turns) if turns is None else turns):
+        # A question has as many turns as it has: --turns 2 asks for two where there are two.
+        for t in range(len(question.turns) if turns is None else min(turns, len(question.turns))):
             prompt = self.renderer.encode(question.turns[: t + 1], texts)
             result = method.generate(prompt.ids.to(self.device), self.max_new_tokens, self.sampling,
                                      self.turn_seed(question, t))
@@ -342,7 +361,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 "seed": s.seed, "threshold": draft.threshold, "max_draft": draft.max_draft,
                 "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size, "turns": s.turns,
                 "prompt_lookup": s.prompt_lookup, "kernel": s.kernel}
-    names = [m for m in METHOD_ORDER if m in (s.methods or METHOD_ORDER)]
+    names = [m for m in METHOD_ORDER if m in (s.methods or DEFAULT_METHODS)]
     untrained = {"early_exit"} if draft.artifact else {"kangaroo", "kangaroo_lookup"}
     names = [m for m in names if m not in untrained]
     if "vanilla" not in names:
