@@ -50,19 +50,20 @@ def finished_pairs(out_path: Path) -> set[tuple[int, int]]:
 
 def answer_batch(model, tokenizer, prompts: list[str], add_special_tokens: bool, max_new_tokens: int,
                  temperature: float, top_p: float, seed: int) -> list[tuple[str, int]]:
-    """Generate one answer per prompt in one left-padded batch.
+    """Generate one answer per prompt in one left-padded batch (finished rows leave the batch early).
 
     Returns:
         ``(text, new_tokens)`` per prompt: the answer up to (not including) the first EOS.
     """
+    from kangaroo_lit.data.batch_generate import generate_batch
+
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    answers = []
     eos = tokenizer.eos_token_id
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+    generator = torch.Generator().manual_seed(seed)
+    rows = generate_batch(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, {eos}, temperature,
+                          top_p, generator)
+    answers = []
+    for row in rows:
         if eos in row:
             row = row[: row.index(eos)]
         answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), len(row)))
