@@ -77,6 +77,7 @@ def manifest_for(model: KangarooModel, base_model: str, dtype: str, training: di
             "num_key_value_heads": cfg.num_key_value_heads,
             "head_dim": attn.head_dim,
             "layer_type": model.adapter.layer_type,
+            "mlp_width": model.adapter.mlp_width,
             "parameters": sum(p.numel() for p in model.adapter.parameters()),
         },
         "exit_head": model.exit_head_mode,
@@ -190,7 +191,9 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"# Kangaroo draft for `{manifest['base_model']}`",
         "",
         "A self-speculative draft made with kangaroo_lit: the base model's shallow layers "
-        f"0..{manifest['exit_layer']} + a Kangaroo adapter ({manifest['adapter']['parameters']:,} parameters) "
+        f"0..{manifest['exit_layer']} + a Kangaroo adapter ({manifest['adapter']['parameters']:,} parameters"
+        + (f", with an MLP of width {manifest['adapter']['mlp_width']}" if manifest['adapter'].get('mlp_width') else "")
+        + ") "
         f"+ the {'trainable' if manifest['exit_head'] == 'trainable' else 'shared'} exit head"
         + (f" over the {manifest['draft_vocab_size']} most frequent training tokens" if manifest.get("draft_vocab_size")
            else "") + f". {lora_line}.",
@@ -263,6 +266,10 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     adapter = _check_field(manifest, artifact_dir, "adapter", (dict,), "an object")
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
         _check_field(adapter, artifact_dir, key, (int,), "an int", prefix="adapter.")
+    if adapter.get("mlp_width") is not None:  # absent in artifacts made before the adapter MLP: none
+        width = _check_field(adapter, artifact_dir, "mlp_width", (int,), "an int >= 0", prefix="adapter.")
+        if width < 0:
+            raise _field_error(artifact_dir, "adapter.mlp_width", f"must be >= 0, got {width}")
     lora = _check_field(manifest, artifact_dir, "lora", (dict, type(None)), "an object or null")
     if lora is not None:
         rank = _check_field(lora, artifact_dir, "rank", (int,), "an int >= 1", prefix="lora.")
@@ -302,6 +309,9 @@ def _check_training_record(manifest: dict, artifact_dir: Path) -> None:
     if isinstance(model.get("draft"), dict) and "vocab_size" in model["draft"]:
         checks.append(("draft_vocab_size", manifest.get("draft_vocab_size"), "training.model.draft.vocab_size",
                        model["draft"]["vocab_size"]))
+    if isinstance(model.get("draft"), dict) and "adapter_mlp" in model["draft"]:
+        checks.append(("adapter.mlp_width", manifest["adapter"].get("mlp_width") or 0,
+                       "training.model.draft.adapter_mlp", model["draft"]["adapter_mlp"]))
     for field, value, trained_field, trained in checks:
         if value != trained:
             shown = "0 (lora: null)" if field == "lora.rank" and not manifest["lora"] else repr(value)
@@ -450,8 +460,10 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
         raise CheckpointError(f"artifact {artifact_dir}: {DRAFT_VOCAB_FILE} holds token id {int(draft_vocab.max())}, "
                               f"outside the vocabulary of the base model {base_name} "
                               f"({base.get_output_embeddings().out_features} tokens)")
+    # Artifacts from before the adapter MLP existed have no mlp_width: Kangaroo's adapter.
+    adapter_mlp = manifest["adapter"].get("mlp_width") or 0
     model = KangarooModel(base, manifest["exit_layer"], lora=lora, exit_head=manifest["exit_head"],
-                          trainable_dtype=torch_dtype, draft_vocab=draft_vocab)
+                          trainable_dtype=torch_dtype, draft_vocab=draft_vocab, adapter_mlp=adapter_mlp)
     _check_tensors(artifact_dir, ADAPTER_FILE, {k: v.shape for k, v in model.adapter.state_dict().items()})
     if model.exit_proj is not None:
         _check_tensors(artifact_dir, HEAD_FILE, {k: v.shape for k, v in model.exit_proj.state_dict().items()})

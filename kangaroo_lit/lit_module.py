@@ -160,7 +160,7 @@ class KangarooLitModule(L.LightningModule):
             if draft_vocab is None:
                 draft_vocab = torch.arange(s.draft.vocab_size)
         self.model = KangarooModel(base, s.exit_layer, lora=s.lora, exit_head=s.draft.exit_head,
-                                   draft_vocab=draft_vocab)
+                                   draft_vocab=draft_vocab, adapter_mlp=s.draft.adapter_mlp)
         if s.loss.beta_exit == 0:
             # Plain LoRA fine-tuning: the draft path is never trained, so keep it out of the
             # optimizer and the checkpoint.

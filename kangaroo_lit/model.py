@@ -148,6 +148,7 @@ class KangarooModel(nn.Module):
             Kept as the persistent buffer ``draft_vocab`` (in state dicts and checkpoints). The shared head
             is then a frozen K x d slice of ``lm_head`` (buffer ``exit_weight``, not saved: re-sliced
             whenever the ids change or are loaded); the trainable head is a K-row ``exit_proj``.
+        adapter_mlp: intermediate width of an MLP block in the adapter (0: none, Kangaroo's adapter).
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class KangarooModel(nn.Module):
         exit_head: ExitHeadMode = "shared",
         trainable_dtype: torch.dtype = torch.float32,
         draft_vocab: torch.Tensor | None = None,
+        adapter_mlp: int = 0,
     ) -> None:
         super().__init__()
         check_architecture(base.config)
@@ -185,6 +187,8 @@ class KangarooModel(nn.Module):
             attention_cls=type(first_deep.self_attn),
             norm_cls=type(base.model.norm),
             layer_type=self._layer_types[exit_layer],
+            mlp_cls=type(first_deep.mlp),
+            mlp_width=adapter_mlp,
         )
         self.adapter.init_from_base(first_deep, base.model.norm)
         self.adapter.to(dtype=trainable_dtype, device=base.model.norm.weight.device)

@@ -95,14 +95,20 @@ class DraftSettings:
         vocab_size: K, a cheaper draft head: the exit head scores only the K most frequent target tokens
             of the training data (EOS always among them); None scores the full vocabulary. Drafts come
             from that set; verification is unchanged, so decoding stays lossless.
+        adapter_mlp: intermediate width of an MLP block added to the adapter after its attention (the
+            base architecture's gated MLP; EAGLE's drafter is a whole layer); 0 = none (Kangaroo). It
+            costs about ``3 d * adapter_mlp`` multiply-adds a draft token.
     """
 
     exit_head: ExitHeadMode = structural("shared")
     vocab_size: int | None = structural(None)
+    adapter_mlp: int = structural(0)
 
     def __post_init__(self) -> None:
         if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or self.vocab_size < 1):
             raise ConfigError(f"draft.vocab_size must be >= 1 or null (the full vocabulary), got {self.vocab_size}")
+        if isinstance(self.adapter_mlp, bool) or self.adapter_mlp < 0:
+            raise ConfigError(f"draft.adapter_mlp must be >= 0 (0 = no MLP), got {self.adapter_mlp}")
 
 
 @dataclass(frozen=True)
