@@ -30,7 +30,8 @@ def test_resume_policy_follows_the_types():
     policies = resume_policy()
     structural = {k for k, p in policies.items() if p == ResumePolicy.STRUCTURAL}
     assert structural == {"base_model", "exit_layer", "lora.rank", "lora.alpha", "lora.target_modules",
-                          "lora.scope", "draft.exit_head", "draft.vocab_size"}
+                          "lora.scope", "draft.exit_head", "draft.vocab_size",
+                          "draft.adapter_mlp"}
     assert {k for k, p in policies.items() if p == ResumePolicy.FREE} == {
         f"decoding.{f.name}" for f in dataclasses.fields(DecodingSettings)}
     assert policies["lora.dropout"] == policies["optimizer.lr"] == policies["loss.beta_exit"] == ResumePolicy.FIT
