@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-ExitLoss = Literal["ce", "kd", "mix"]
+ExitLoss = Literal["ce", "kd", "mix", "accept"]
 IGNORE_INDEX = -100
 
 
@@ -67,6 +67,16 @@ def expected_acceptance(
     return torch.minimum(p, q).sum(-1).mean()
 
 
+def acceptance_loss(
+    exit_logits: torch.Tensor, main_logits: torch.Tensor, draft_vocab: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``1 - mean_rows sum_v min(p_full, q_draft)`` with ``p_full`` detached: one minus the probability that
+    a sampled draft is accepted (the total variation distance between the two); (N, V) inputs ((N, K)
+    draft logits over ``draft_vocab``: ``p_full``'s mass outside it cannot be matched)."""
+    p = _restrict(F.softmax(main_logits.detach(), dim=-1), draft_vocab)
+    return 1.0 - torch.minimum(p, F.softmax(exit_logits, dim=-1)).sum(-1).mean()
+
+
 def draft_targets(targets: torch.Tensor, draft_vocab: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """Token-id targets -> indices into the draft head's outputs; -100 where a target is outside the set."""
     if draft_vocab is None:
@@ -105,8 +115,8 @@ def sgp_loss(
         exit_logits: (B, T, V) draft-path logits ((B, T, K) with a restricted head), or None when no
             draft path was run (then ``loss = loss_main`` and the draft metrics are NaN).
         labels: (B, T) token ids, -100 where no loss is taken (unshifted).
-        exit_loss: ``ce`` (cross-entropy on the labels), ``kd`` (distillation to the full path) or
-            ``mix`` (``kd_weight * kd + (1 - kd_weight) * ce``).
+        exit_loss: ``ce`` (cross-entropy on the labels), ``kd`` (distillation to the full path),
+            ``mix`` (``kd_weight * kd + (1 - kd_weight) * ce``) or ``accept`` (:func:`acceptance_loss`).
         draft_vocab: (K,) token ids of a restricted draft head (module docstring), or None.
     """
     if main_logits is None:
@@ -132,9 +142,9 @@ def sgp_loss(
         return LossTerms(loss=loss_main, loss_main=loss_main, loss_exit=nan, expected_accept=nan,
                          top1_agree=nan, num_tokens=torch.tensor(targets.numel(), device=targets.device))
     draft, _ = next_token_targets(exit_logits, labels)
-    if exit_loss not in ("ce", "kd", "mix"):
-        raise ValueError(f"exit_loss must be one of ce, kd, mix; got {exit_loss!r}")
-    if exit_loss != "kd":
+    if exit_loss not in ("ce", "kd", "mix", "accept"):
+        raise ValueError(f"exit_loss must be one of ce, kd, mix, accept; got {exit_loss!r}")
+    if exit_loss in ("ce", "mix"):
         if draft_vocab is None:
             ce_exit = F.cross_entropy(draft, targets)
         else:
@@ -143,6 +153,8 @@ def sgp_loss(
         loss_exit = ce_exit
     elif exit_loss == "kd":
         loss_exit = kd_loss(draft, main, draft_vocab)
+    elif exit_loss == "accept":
+        loss_exit = acceptance_loss(draft, main, draft_vocab)
     else:
         loss_exit = kd_weight * kd_loss(draft, main, draft_vocab) + (1.0 - kd_weight) * ce_exit
     with torch.no_grad():

@@ -118,22 +118,24 @@ class LossSettings:
     Args:
         beta_exit: weight of the exit loss. 0 (with ``detach_exit: false``) skips the draft path in
             training: plain LoRA fine-tuning of layers ``0..exit_layer``, the benchmark's baseline.
-        exit_loss: ``ce`` (labels), ``kd`` (distil the full path, what Kangaroo trains with) or ``mix``.
+        exit_loss: ``ce`` (labels), ``kd`` (distil the full path, what Kangaroo trains with), ``mix``, or
+            ``accept``: ``1 - sum_v min(p_full, q_draft)``, one minus the probability that a sampled draft is
+            accepted (the total variation distance; DistillSpec's TVD), the quantity decoding pays for.
         kd_weight: weight of ``kd`` within ``mix``.
         detach_exit: SGP. The deep layers get a detached input and run under ``no_grad``; False is the
             joint baseline where ``loss_main`` back-propagates into the shallow LoRA.
     """
 
     beta_exit: float = 0.7
-    exit_loss: Literal["ce", "kd", "mix"] = "ce"
+    exit_loss: Literal["ce", "kd", "mix", "accept"] = "ce"
     kd_weight: float = 0.5
     detach_exit: bool = True
 
     def __post_init__(self) -> None:
         if self.beta_exit < 0:
             raise ConfigError(f"loss.beta_exit must be >= 0, got {self.beta_exit}")
-        if self.exit_loss not in ("ce", "kd", "mix"):
-            raise ConfigError(f"loss.exit_loss must be one of ce, kd, mix; got {self.exit_loss!r}")
+        if self.exit_loss not in ("ce", "kd", "mix", "accept"):
+            raise ConfigError(f"loss.exit_loss must be one of ce, kd, mix, accept; got {self.exit_loss!r}")
         if not 0 <= self.kd_weight <= 1:
             raise ConfigError(f"loss.kd_weight must be in [0, 1], got {self.kd_weight}")
 

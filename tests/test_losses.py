@@ -26,11 +26,12 @@ def reference_terms(main, exit_, labels, beta, kind, kd_weight):
             agree += float(int(p.argmax()) == int(q.argmax()))
             n += 1
     ce_main, ce_exit, kd, accept, agree = (x / n for x in (ce_main, ce_exit, kd, accept, agree))
-    loss_exit = {"ce": ce_exit, "kd": kd, "mix": kd_weight * kd + (1 - kd_weight) * ce_exit}[kind]
+    loss_exit = {"ce": ce_exit, "kd": kd, "mix": kd_weight * kd + (1 - kd_weight) * ce_exit,
+                 "accept": 1 - accept}[kind]
     return ce_main + beta * loss_exit, ce_main, loss_exit, accept, agree
 
 
-@pytest.mark.parametrize("kind", ["ce", "kd", "mix"])
+@pytest.mark.parametrize("kind", ["ce", "kd", "mix", "accept"])
 def test_sgp_loss_matches_float64_reference(kind):
     g = torch.Generator().manual_seed(0)
     B, T, V = 2, 7, 11
@@ -60,6 +61,20 @@ def test_expected_accept_is_one_for_identical_paths_and_kd_gradient_ignores_teac
     terms.loss_exit.backward()
     assert main.grad is None  # p_full is a detached teacher
     assert exit_.grad is not None and exit_.grad.abs().sum() < 1e-5  # at the optimum q == p
+
+
+def test_acceptance_loss_moves_q_towards_p_and_leaves_the_teacher_alone():
+    g = torch.Generator().manual_seed(3)
+    main = torch.randn(2, 6, 9, generator=g, requires_grad=True)
+    exit_ = torch.randn(2, 6, 9, generator=g, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 6), generator=g)
+    before = sgp_loss(main, exit_, labels, beta_exit=1.0, exit_loss="accept")
+    before.loss_exit.backward()
+    assert main.grad is None and exit_.grad.abs().sum() > 0
+    with torch.no_grad():
+        stepped = exit_ - 5.0 * exit_.grad
+    after = sgp_loss(main.detach(), stepped, labels, beta_exit=1.0, exit_loss="accept")
+    assert after.expected_accept > before.expected_accept  # descending it raises the acceptance
 
 
 def test_no_target_tokens_is_an_error():
@@ -96,11 +111,12 @@ def restricted_reference_terms(main, exit_, labels, vocab, beta, kind, kd_weight
             n += 1
     ce_main, kd, accept, agree = (x / n for x in (ce_main, kd, accept, agree))
     ce_exit = ce_exit / n_in if n_in else 0.0
-    loss_exit = {"ce": ce_exit, "kd": kd, "mix": kd_weight * kd + (1 - kd_weight) * ce_exit}[kind]
+    loss_exit = {"ce": ce_exit, "kd": kd, "mix": kd_weight * kd + (1 - kd_weight) * ce_exit,
+                 "accept": 1 - accept}[kind]
     return ce_main + beta * loss_exit, ce_main, loss_exit, accept, agree
 
 
-@pytest.mark.parametrize("kind", ["ce", "kd", "mix"])
+@pytest.mark.parametrize("kind", ["ce", "kd", "mix", "accept"])
 def test_restricted_draft_vocab_matches_float64_reference(kind):
     g = torch.Generator().manual_seed(2)
     B, T, V = 3, 9, 13
