@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from kangaroo_lit.architectures import load_base_model, looks_like_local_path, resolve_dtype
 from kangaroo_lit.embedded import PREFIX, resolve_path
@@ -427,7 +428,7 @@ def _base_model_source(artifact_dir: Path, manifest: dict, base_model: str | Non
 
 
 def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
-                  base_model: str | None = None) -> KangarooModel:
+                  base_model: str | PreTrainedModel | None = None) -> KangarooModel:
     """Rebuild the :class:`KangarooModel` of an artifact, in eval mode.
 
     The manifest is checked against the files before anything is loaded into the model: the LoRA
@@ -437,7 +438,10 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
     Args:
         dtype: dtype of the whole model (base and trainable parts); default the manifest's.
         device: where to put it (default CPU).
-        base_model: override the base model's name or path (e.g. a local copy of the Hub model).
+        base_model: override the base model's name or path (e.g. a local copy of the Hub model), or an
+            HF causal LM already loaded, which the draft is then built on (its weights are shared, not
+            copied; with LoRA, PEFT inserts the LoRA layers into its shallow layers): ``dtype`` and
+            ``device`` are then its own, and another ``dtype`` is refused.
     """
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
@@ -447,9 +451,17 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
         raise CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field 'exit_head' is 'shared' but the artifact "
                               f"has a trained head in {HEAD_FILE}")
     draft_vocab = _read_draft_vocab(artifact_dir, manifest.get("draft_vocab_size"))
-    torch_dtype = resolve_dtype(dtype or manifest["dtype"])
-    base_name = _base_model_source(artifact_dir, manifest, base_model)
-    base = load_base_model(base_name, torch_dtype)
+    if isinstance(base_model, PreTrainedModel):
+        base, base_name = base_model, str(getattr(base_model, "name_or_path", "") or "the given model")
+        torch_dtype = base.dtype
+        if dtype is not None and resolve_dtype(dtype) != torch_dtype:
+            raise ConfigError(f"dtype {dtype}: the given base model {base_name} is {torch_dtype}; a draft built on "
+                              "a loaded model takes its dtype")
+        device = base.device
+    else:
+        torch_dtype = resolve_dtype(dtype or manifest["dtype"])
+        base_name = _base_model_source(artifact_dir, manifest, base_model)
+        base = load_base_model(base_name, torch_dtype)
     _check_base(artifact_dir, manifest, base.config, base_name)
     lora = None
     if manifest["lora"]:
