@@ -17,24 +17,16 @@ switches ``--json`` and ``--compare_vanilla`` also take a value (``--json false`
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
-from kangaroo_lit.errors import ConfigError, KangarooError, ModelSourceError
+from kangaroo_lit import cli_scaffold
+from kangaroo_lit.errors import ConfigError, ModelSourceError
 from kangaroo_lit.settings import DecodingSettings
-from kangaroo_lit.streaming_linear import streaming_linears
-
-
-class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """jsonargparse's help, with the description's examples kept as written."""
-
 
 PROG = "kangaroo-lit generate"
 
@@ -78,7 +70,7 @@ class GenerateOptions:
     artifact: str | None = None
     base_model: str | None = None
     exit_layer: int | None = None
-    prompt: str | None = None  # parsed as plain text (build_parser): "null" or "# Title" stay text
+    prompt: str | None = None  # parsed as plain text (parse): "null" or "# Title" stay text
     prompt_file: str | None = None
     format: Literal["raw", "instruction", "chat"] = "raw"
     max_new_tokens: int = 128
@@ -144,33 +136,13 @@ class GenerateOptions:
         return torch.device(self.device)
 
 
-SWITCHES = tuple(f.name for f in dataclasses.fields(GenerateOptions) if f.type in (bool, "bool"))
-
-
-def build_parser() -> ArgumentParser:
-    """``--config``, ``--print_config`` and one argument per field of :class:`GenerateOptions`.
-
-    The bool fields become switches: ``--json`` alone means true, ``--json false`` / ``--no_json`` false.
-    """
-    from docstring_parser import parse as parse_docstring
-
-    # exact names only: no abbreviations (an old --ckpt must not quietly mean --ckpt_path)
-    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
-    parser.add_class_arguments(GenerateOptions, as_group=False, as_positional=False, skip={*SWITCHES, "prompt"})
-    docs = {p.arg_name: p.description for p in parse_docstring(GenerateOptions.__doc__ or "").params}
-    # Plain text, never YAML ("null" stays the word), and absent (None) told apart from an empty prompt.
-    parser.add_argument("--prompt", type=str, default=None, help=docs.get("prompt"))
-    for name in SWITCHES:
-        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=False, help=docs.get(name))
-    return parser
-
-
 def parse(argv: list[str] | None = None) -> dict[str, Any]:
-    """The parsed fields of :class:`GenerateOptions` (``--config`` files applied, then the flags after them)."""
-    cfg = build_parser().parse_args(argv).as_dict()
-    cfg.pop("config", None)
-    return cfg
+    """The parsed fields of :class:`GenerateOptions` (``--config`` files applied, then the flags after them).
+
+    ``--prompt`` is plain text, never YAML (``null`` stays the word), and absent (None) is told apart from
+    an empty prompt.
+    """
+    return cli_scaffold.parse(cli_scaffold.build_parser(GenerateOptions, PROG, text=("prompt",)), argv)
 
 
 def _resolve(name: str) -> str:
@@ -300,18 +272,18 @@ def generate(opts: GenerateOptions) -> int:
         KangarooError: a bad option, prompt file, model or artifact (``main`` prints it as one line).
     """
     from kangaroo_lit.data.prompt_file import check_prompt_lengths
-    from kangaroo_lit.threads import choose_threads
+    from kangaroo_lit.threads import apply_threads
 
     entries = prompt_entries(opts)  # a malformed prompt file fails before a model is loaded
     model, tokenizer = load_model(opts)
     if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(choose_threads(sum(p.numel() for p in model.parameters()), opts.threads))
+        apply_threads(sum(p.numel() for p in model.parameters()), opts.threads)
     texts = prompt_texts(opts, tokenizer, entries)
     encoded = [encode_prompt(tokenizer, text, where) for (where, _), text in zip(entries, texts)]
     check_prompt_lengths([(where, ids.shape[1]) for (where, _), ids in zip(entries, encoded)], opts.max_new_tokens,
                          getattr(model.config, "max_position_embeddings", None))
     stream = not opts.json and not opts.compare_vanilla
-    with streaming_linears(model, opts.kernel == "streaming"):
+    with cli_scaffold.kernel_linears(model, opts.kernel):
         decode_all(opts, model, tokenizer, encoded, stream)
     return 0
 
@@ -333,10 +305,5 @@ def decode_all(opts: GenerateOptions, model, tokenizer, encoded: list[torch.Tens
 
 def main(argv: list[str] | None = None) -> int:
     """``kangaroo-lit generate``: 0 on success, 2 with one ``error:`` line for a user's mistake."""
-    from kangaroo_lit.cli_export import report_user_error
-
     cfg = parse(argv)
-    try:
-        return generate(GenerateOptions(**cfg))
-    except KangarooError as err:
-        return report_user_error(err)
+    return cli_scaffold.run_reporting(lambda: generate(GenerateOptions(**cfg)))

@@ -1,9 +1,13 @@
-"""How many torch CPU threads a command uses: one for tiny models, all cores for real ones.
+"""How many torch CPU threads a command uses: one for tiny models, the free cores for real ones.
 
 On a model of a few million parameters each operation is too small to split: extra OpenMP threads only
 spin and wait (on the 2-core CI machines torch's default made ``generate`` 1.3-3.8 s a prompt against
 0.05 s with one thread, and the tiny ``fit`` 0.19 against 2.0 it/s). From a few tens of millions of
-parameters on, the matrix products are large enough to share.
+parameters on, the matrix products are large enough to share, but only between cores that are free:
+an OpenMP thread on a core that another process keeps busy stalls every parallel region of every layer
+(on a 2-core machine with one core busy, SmolLM2 decoding at 2 threads ran anywhere from 0.5 to 24
+tokens/s; at 1 thread 34-36). So the rule never asks for more threads than the cores this process may
+run on minus the ones the 1-minute load average says are busy (BENCHMARKS.md, "CPU threads").
 """
 
 from __future__ import annotations
@@ -36,8 +40,21 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores() -> int:
+    """Cores other processes keep busy: the 1-minute load average, rounded (0 where it is unknown)."""
+    try:
+        return int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):  # not available on this platform
+        return 0
+
+
+def free_cores() -> int:
+    """Cores this process may run on that the load average leaves free (at least 1)."""
+    return max(1, cpu_cores() - busy_cores())
+
+
 def choose_threads(num_parameters: int | None, requested: int | None = None) -> int:
-    """``requested`` if given, else 1 for a small model and every available core otherwise."""
+    """``requested`` if given, else 1 for a small model and the free cores otherwise."""
     if requested is not None:
         if requested < 1:
             from kangaroo_lit.errors import ConfigError
@@ -46,13 +63,28 @@ def choose_threads(num_parameters: int | None, requested: int | None = None) -> 
         return requested
     if num_parameters is not None and num_parameters < SMALL_MODEL_PARAMETERS:
         return 1
-    return cpu_cores()
+    return free_cores()
+
+
+def apply_threads(num_parameters: int | None, requested: int | None, quiet: bool = False) -> int:
+    """Set torch's CPU threads by :func:`choose_threads` and say on stderr how many and why."""
+    import sys
+
+    threads = choose_threads(num_parameters, requested)
+    torch.set_num_threads(threads)
+    if not quiet:
+        if requested is not None:
+            why = "as asked"
+        else:
+            size = f"a {num_parameters / 1e6:.1f}M-parameter model" if num_parameters is not None else "this model"
+            cores, busy = cpu_cores(), busy_cores()
+            why = f"for {size} ({cores} cores, {min(busy, cores)} busy by the load average); --threads N to change"
+        print(f"note: {threads} torch CPU thread(s) {why}", file=sys.stderr)
+    return threads
 
 
 def set_threads_for(model_dir: str | None, requested: int | None, quiet: bool = False) -> int:
     """Set torch's CPU threads for the model in ``model_dir`` (its ``config.json``) and say so on stderr."""
-    import sys
-
     params = None
     if model_dir is not None and requested is None:
         try:
@@ -61,10 +93,4 @@ def set_threads_for(model_dir: str | None, requested: int | None, quiet: bool = 
             params = approx_parameters(AutoConfig.from_pretrained(model_dir))
         except (OSError, ValueError, AttributeError):
             params = None  # unreadable here: the model loader reports it properly later
-    threads = choose_threads(params, requested)
-    torch.set_num_threads(threads)
-    if not quiet:
-        size = f"for a {params / 1e6:.1f}M-parameter model" if params is not None else "by default"
-        how = "as asked" if requested is not None else f"{size}; --threads N to change"
-        print(f"note: {threads} torch CPU thread(s) {how}", file=sys.stderr)
-    return threads
+    return apply_threads(params, requested, quiet)

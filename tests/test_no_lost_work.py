@@ -145,7 +145,6 @@ def test_cpu_threads_suit_the_model_size(tmp_path, tiny_llama_dir, capsys):
                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                                 tie_word_embeddings=True)
     assert approx_parameters(smol) == pytest.approx(134_515_008, rel=0.01)  # SmolLM2-135M, norms aside
-    assert choose_threads(approx_parameters(smol)) > 1 or choose_threads(None) == 1
     assert choose_threads(SMALL_MODEL_PARAMETERS - 1) == 1
 
 
