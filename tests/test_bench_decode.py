@@ -188,9 +188,9 @@ def test_default_prompts_follow_the_drafts_training_data(tiny_tokenizer):
 
 def test_cost_model_with_streaming_kernel_and_restricted_head(tmp_path):
     """The options reach the model: the restricted head scores K ids, the kernel is recorded; forced refused."""
-    from kangaroo_lit import streaming_linear
     from kangaroo_lit.bench.cost_model import cost_model
     from kangaroo_lit.errors import ConfigError
+    from kangaroo_lit.kernels import streaming_linear
 
     with pytest.raises(ConfigError, match="--forced false"):
         cost_model(shape="tiny", device="cpu", draft_vocab_size=64)

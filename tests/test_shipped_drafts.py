@@ -29,9 +29,9 @@ def test_smollm2_draft_decodes_like_greedy_and_accepts_drafts(kernel):
     import torch
     from transformers import AutoTokenizer
 
-    from kangaroo_lit import streaming_linear
     from kangaroo_lit.artifact import load_artifact
     from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, reference_model
+    from kangaroo_lit.kernels import streaming_linear
     from kangaroo_lit.specbench.methods import plain_generation_config
 
     if kernel == "streaming" and not streaming_linear.available()[0]:

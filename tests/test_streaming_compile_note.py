@@ -5,7 +5,7 @@ is replaced by a stub, the build cache is a temporary directory."""
 import pytest
 import torch
 
-from kangaroo_lit import streaming_linear
+from kangaroo_lit.kernels import streaming_linear
 
 NOTE = "compiling the streaming kernel (once, about a minute)"
 
@@ -32,7 +32,7 @@ def test_a_first_compile_is_announced_on_stderr(stub_build, capsys):
 def test_a_cached_build_is_loaded_silently(stub_build, capsys):
     stub_build.mkdir(parents=True, exist_ok=True)
     (stub_build / f"{streaming_linear._EXTENSION_NAME}.so").write_bytes(b"")
-    (stub_build / "main.cpp").write_text("#include <torch/extension.h>\n" + streaming_linear._CPP_SOURCE)
+    (stub_build / "main.cpp").write_text("#include <torch/extension.h>\n" + streaming_linear._cpp_source())
     streaming_linear._build()
     assert NOTE not in capsys.readouterr().err
 

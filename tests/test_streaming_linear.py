@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kangaroo_lit import streaming_linear
 from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
+from kangaroo_lit.kernels import streaming_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,3 +78,37 @@ def test_decoding_with_the_kernel_matches_eager_generate(kernel, tiny_model_dirs
             assert VanillaDecoder(model).generate(ids, 20).tokens == reference
             spec = SelfSpeculativeDecoder(model, threshold=0.0, max_draft=4, prompt_lookup=3)
             assert spec.generate(ids, 20).tokens == reference
+
+
+def test_the_row_limit_is_the_settings_limit_and_is_checked(monkeypatch):
+    """More than KERNEL_MAX_ROWS rows: the kernel itself refuses (before any build), a patched linear uses
+    F.linear. Needs no compiler: the check comes first, and a patched forward never reaches the kernel."""
+    from kangaroo_lit.settings import KERNEL_MAX_ROWS
+
+    assert streaming_linear.MAX_ROWS == KERNEL_MAX_ROWS
+    monkeypatch.setattr(streaming_linear, "_build", lambda: pytest.fail("the kernel was reached"))
+    w = torch.randn(4, 16)
+    for rows in (0, KERNEL_MAX_ROWS + 1):
+        with pytest.raises(ValueError, match=f"1 to {KERNEL_MAX_ROWS} input rows, got {rows}"):
+            streaming_linear.few_rows_linear(torch.randn(rows, 16), w)
+    linear = nn.Linear(16, 4)
+    x = torch.randn(3, 3, 16)  # 9 rows through leading dimensions
+    with torch.no_grad():
+        assert not streaming_linear.uses_kernel(linear, x)
+        assert streaming_linear.uses_kernel(linear, x[:2, :2])  # 4 rows: the kernel's
+        torch.testing.assert_close(streaming_linear._streaming_forward(linear, x), linear(x))
+
+
+def test_unavailable_kernel_messages_are_neutral_and_commands_word_theirs(monkeypatch):
+    from kangaroo_lit.cli_scaffold import kernel_linears
+    from kangaroo_lit.errors import ConfigError
+
+    monkeypatch.setattr(streaming_linear, "available", lambda: (False, "no compiler"))
+    model = nn.Linear(2, 2)
+    with pytest.raises(streaming_linear.KernelUnavailable) as info, streaming_linear.streaming_linears(model):
+        pass
+    assert info.value.reason == "no compiler" and "--" not in str(info.value)
+    with pytest.raises(ConfigError, match="^--kernel streaming: no compiler; use --kernel eager$"):
+        kernel_linears(model, "streaming")
+    with kernel_linears(model, "eager") as patched:
+        assert patched == 0

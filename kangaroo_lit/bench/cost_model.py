@@ -55,8 +55,9 @@ from kangaroo_lit.bench.common import (
 )
 from kangaroo_lit.bench.decode import as_list, hf_generate
 from kangaroo_lit.bench.gpu_suite import append_row
+from kangaroo_lit.cli_scaffold import kernel_linears
 from kangaroo_lit.errors import ConfigError
-from kangaroo_lit.streaming_linear import Kernel, streaming_linears
+from kangaroo_lit.kernels import Kernel
 
 
 def cost_model(
@@ -98,7 +99,8 @@ def cost_model(
         seed: seed of the random weights and the random prompts.
         threads: torch CPU threads for the run (default on CPU: 1), restored afterwards.
         kernel: linear layers of <= 8 rows: ``eager`` (``F.linear``) or ``streaming``
-            (:mod:`kangaroo_lit.streaming_linear`, CPU float32), for the full step, the draft and verification alike.
+            (:mod:`kangaroo_lit.kernels.streaming_linear`, CPU float32), for the full step, the draft and
+            verification alike.
         draft_vocab_size: K of a restricted draft head (``draft.vocab_size``; here the first K token ids, which
             costs the same as the K most frequent); None = the full vocabulary.
         hf_static_cache: also time HF ``generate`` on a static cache (once, with the first exit layer), its
@@ -121,7 +123,7 @@ def cost_model(
         for layer in as_list(exit_layer):
             model, name = build_cost_model(shape, base_model, layer, dtype, device, seed, draft_vocab_size)
             print(f"cost model: {name}, exit layer {layer}, {dtype} on {device}, context {context}", file=sys.stderr)
-            with streaming_linears(model, kernel == "streaming"):
+            with kernel_linears(model, kernel):
                 costs = measure_costs(model, context, list(ks), repeats, device, seed)
                 entry = {"exit_layer": layer, **costs}
                 append_row(rows_file, {**row, "kind": "costs", **entry})

@@ -23,15 +23,16 @@ from typing import Any
 import torch
 
 from kangaroo_lit.bench.common import machine_info, print_table, resolve_device, rotated, torch_threads, write_outputs
+from kangaroo_lit.cli_scaffold import kernel_linears
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from kangaroo_lit.errors import ConfigError, ModelSourceError
+from kangaroo_lit.kernels import MAX_ROWS
 from kangaroo_lit.settings import DECODING_ANSWER_FIELDS, DecodingSettings
 from kangaroo_lit.specbench import answers as answer_files
 from kangaroo_lit.specbench import report
 from kangaroo_lit.specbench.conversation import PromptRenderer, Template
 from kangaroo_lit.specbench.methods import DEFAULT_METHODS, METHOD_ORDER, Method, TurnResult, build_methods
 from kangaroo_lit.specbench.questions import Question, load_questions, select_questions
-from kangaroo_lit.streaming_linear import streaming_linears
 
 DEFAULT_BASE_MODEL = "embedded:tiny-llama"
 DEFAULT_EXIT_LAYER = 1  # Kangaroo's "exit at layer 2"; the embedded model's configs/tiny.yaml
@@ -370,9 +371,9 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
     with (torch_threads(s.threads or (1 if device.type == "cpu" else None)), quiet_transformers(),
           contextlib.ExitStack() as stack):
         model, tokenizer = load_model(draft, s.dtype, device)
-        patched = stack.enter_context(streaming_linears(model, s.kernel == "streaming"))
+        patched = stack.enter_context(kernel_linears(model, s.kernel))
         if patched:
-            print(f"kernel: {patched} linear layers through the streaming kernel (inputs of <= 8 rows)",
+            print(f"kernel: {patched} linear layers through the streaming kernel (inputs of <= {MAX_ROWS} rows)",
                   file=sys.stderr)
         renderer = PromptRenderer(tokenizer, s.template, getattr(model.config, "max_position_embeddings", None),
                                   s.max_new_tokens)
