@@ -158,28 +158,20 @@ def decode(
 def load_models(artifact: str | None, base_model: str | None, exit_layers: list[int], dtype: str,
                 device: str) -> tuple[dict[int, Any], Any, str]:
     """``({exit_layer: KangarooModel}, tokenizer, base model path)``: an artifact's draft, or one untrained
-    adapter per exit layer over the same frozen base."""
-    from transformers import AutoTokenizer
-
-    from kangaroo_lit.embedded import resolve_path
+    adapter per exit layer over the same frozen base (the project's one loader,
+    :func:`~kangaroo_lit.decoding.session.load_for_decoding`; further exit layers share the loaded base)."""
+    from kangaroo_lit.decoding.session import load_for_decoding
 
     if artifact:
-        from kangaroo_lit.artifact import load_artifact, read_manifest
-
-        model = load_artifact(artifact, dtype=dtype, device=device, base_model=base_model)  # checks the paths
-        base = resolve_path(base_model or read_manifest(artifact)["base_model"])
-        return {model.exit_layer: model}, AutoTokenizer.from_pretrained(base), base
+        loaded = load_for_decoding(artifact=artifact, base_model=base_model, dtype=dtype, device=device)
+        return {loaded.model.exit_layer: loaded.model}, loaded.tokenizer, loaded.base_path
     if not base_model or not exit_layers:
         raise ConfigError("give --artifact, or --base_model with --exit_layer")
-    from kangaroo_lit.architectures import load_base_model, resolve_dtype
-    from kangaroo_lit.model import KangarooModel
-
-    base = resolve_path(base_model)
-    torch_dtype = resolve_dtype(dtype)
-    lm = load_base_model(base, torch_dtype).to(device)
-    models = {layer: KangarooModel(lm, layer, trainable_dtype=torch_dtype).to(device).eval().requires_grad_(False)
-              for layer in exit_layers}
-    return models, AutoTokenizer.from_pretrained(base), base
+    first = load_for_decoding(base_model=base_model, exit_layer=exit_layers[0], dtype=dtype, device=device)
+    models = {exit_layers[0]: first.model}
+    for layer in exit_layers[1:]:
+        models[layer] = load_for_decoding(base_model=first.model.causal_lm, exit_layer=layer).model
+    return models, first.tokenizer, first.base_path
 
 
 def artifact_training_data(artifact: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 from kangaroo_lit.bench.common import machine_info, print_table, resolve_device, rotated, torch_threads, write_outputs
 from kangaroo_lit.cli_scaffold import kernel_linears
 from kangaroo_lit.decoding.sampling import SamplingConfig
-from kangaroo_lit.errors import ConfigError, ModelSourceError
+from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.kernels import MAX_ROWS
 from kangaroo_lit.settings import DECODING_ANSWER_FIELDS, DecodingSettings
 from kangaroo_lit.specbench import answers as answer_files
@@ -166,30 +166,13 @@ def resolve_draft(s: SpecBenchSettings) -> Draft:
 
 
 def load_model(draft: Draft, dtype: str, device: torch.device):
-    """``(KangarooModel in eval mode, tokenizer)``: the artifact's trained draft, or an untrained adapter."""
-    from kangaroo_lit.architectures import check_model_source, load_base_model, load_tokenizer, resolve_dtype
-    from kangaroo_lit.embedded import resolve_path
+    """``(KangarooModel in eval mode, tokenizer)``: the artifact's trained draft, or an untrained adapter
+    (the project's one loader, :func:`~kangaroo_lit.decoding.session.load_for_decoding`)."""
+    from kangaroo_lit.decoding.session import load_for_decoding
 
-    try:
-        base = resolve_path(draft.base_model)
-    except FileNotFoundError as err:  # an unknown embedded: asset
-        raise ModelSourceError(str(err)) from None
-    if draft.artifact:
-        from kangaroo_lit.artifact import load_artifact
-
-        model = load_artifact(draft.artifact, dtype=dtype, device=str(device), base_model=base)
-        return model, load_tokenizer(base)
-    from kangaroo_lit.model import KangarooModel
-
-    check_model_source(base)
-    tokenizer = load_tokenizer(base)
-    torch_dtype = resolve_dtype(dtype)
-    lm = load_base_model(base, torch_dtype)
-    if not 0 <= draft.exit_layer <= lm.config.num_hidden_layers - 2:
-        raise ConfigError(f"--exit_layer {draft.exit_layer} is outside 0..{lm.config.num_hidden_layers - 2} for the "
-                          f"{lm.config.num_hidden_layers} layers of {draft.base_model}")
-    model = KangarooModel(lm, draft.exit_layer, trainable_dtype=torch_dtype)
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    loaded = load_for_decoding(artifact=draft.artifact, base_model=draft.base_model,
+                               exit_layer=None if draft.artifact else draft.exit_layer, dtype=dtype, device=device)
+    return loaded.model, loaded.tokenizer
 
 
 def stop_tokens(tokenizer, model) -> list[int]:
