@@ -8,10 +8,8 @@ Every subcommand names its arguments in LightningCLI's underscore style (``--mod
 from __future__ import annotations
 
 import importlib
-import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +25,7 @@ from kangaroo_lit.checkpointing import (
     reconcile_settings,
     saved_settings,
 )
+from kangaroo_lit.cli_scaffold import report_user_error
 from kangaroo_lit.cli_support import one_line_usage_error, print_fit_summary, quiet_lightning, remove_setup_only_dir
 from kangaroo_lit.embedded import resolve_path
 from kangaroo_lit.errors import KangarooError
@@ -240,14 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     if cli.subcommand == "fit" and cli.trainer.state.finished:
         print_fit_summary(cli)
     return 0
-
-
-def report_user_error(err: KangarooError) -> int:
-    """Print a user's mistake as one line (its traceback with ``KANGAROO_DEBUG=1``); exit code 2."""
-    if os.environ.get("KANGAROO_DEBUG"):
-        traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -12,19 +12,9 @@ into place only when complete.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import traceback
+from typing import Any
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
-
-from kangaroo_lit.errors import KangarooError
-
-
-class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """jsonargparse's help, with the description's examples kept as written."""
-
+from kangaroo_lit import cli_scaffold
 
 PROG = "kangaroo-lit export"
 
@@ -52,41 +42,12 @@ def export(ckpt_path: str, out_dir: str, base_model: str | None = None, overwrit
     return 0
 
 
-SWITCHES = ("overwrite",)
-
-
-def build_parser() -> ArgumentParser:
-    """``--config``, ``--print_config`` and one argument per parameter of :func:`export`."""
-    # exact names only: no abbreviations (an old --ckpt must not quietly mean --ckpt_path)
-    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
-    parser.add_function_arguments(export, as_group=False, as_positional=False, skip=set(SWITCHES))
-    # --overwrite alone means true; --overwrite false / --no_overwrite also parse (a config file can set it)
-    parser.add_argument("--overwrite", action=ActionYesNo, nargs="?", default=False,
-                        help="replace an existing non-empty --out_dir (the old one is deleted once the new one is "
-                        "in place)")
-    return parser
-
-
-def parse(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None = None) -> dict[str, Any]:
     """The parsed arguments of :func:`export` (``--config`` files applied, then the flags after them)."""
-    cfg = build_parser().parse_args(argv).as_dict()
-    cfg.pop("config", None)
-    return cfg
-
-
-def report_user_error(err: KangarooError) -> int:
-    """``error: <message>`` on stderr (with the traceback when ``KANGAROO_DEBUG=1``); exit code 2."""
-    if os.environ.get("KANGAROO_DEBUG", "") not in ("", "0"):
-        traceback.print_exception(type(err), err, err.__traceback__)
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+    return cli_scaffold.parse(cli_scaffold.build_parser(export, PROG), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``kangaroo-lit export``: 0 on success, 2 with one ``error:`` line for a user's mistake."""
     cfg = parse(argv)
-    try:
-        return export(**cfg)
-    except KangarooError as err:
-        return report_user_error(err)
+    return cli_scaffold.run_reporting(lambda: export(**cfg))

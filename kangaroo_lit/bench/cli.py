@@ -13,10 +13,11 @@ underscore style; the docstring's ``Args:`` are the help). Any argument may come
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from kangaroo_lit import cli_scaffold
 
 PROG = "kangaroo-lit bench"
 # name -> "module:function"; imported only when chosen (train_step imports Lightning, decode does not need it).
@@ -33,38 +34,13 @@ def benchmark(name: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-def build_parser(name: str):
-    """``--config``, ``--print_config`` and one argument per parameter of the benchmark's function.
+def parse(name: str, argv: list[str]) -> dict[str, Any]:
+    """The arguments of benchmark ``name`` (``--config`` files applied, then the flags after them).
 
     Bool parameters are switches, as in ``kangaroo-lit generate``: ``--in_process`` alone means true,
     ``--in_process false`` or ``--no_in_process`` false.
     """
-    import argparse
-
-    from docstring_parser import parse as parse_docstring
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """jsonargparse's help, with the description's examples kept as written."""
-
-    func = benchmark(name)
-    switches = {n: p.default for n, p in inspect.signature(func).parameters.items() if p.annotation in (bool, "bool")}
-    # exact names only: no abbreviations (an old --out must not quietly mean --out_dir)
-    parser = ArgumentParser(prog=f"{PROG} {name}", description=importlib.import_module(func.__module__).__doc__,
-                            formatter_class=HelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
-    parser.add_function_arguments(func, as_group=False, as_positional=False, skip=set(switches))
-    docs = {p.arg_name: p.description for p in parse_docstring(func.__doc__ or "").params}
-    for switch, default in switches.items():
-        parser.add_argument(f"--{switch}", action=ActionYesNo, nargs="?", default=default, help=docs.get(switch))
-    return parser
-
-
-def parse(name: str, argv: list[str]) -> dict[str, Any]:
-    """The arguments of benchmark ``name`` (``--config`` files applied, then the flags after them)."""
-    config = build_parser(name).parse_args(argv).as_dict()
-    config.pop("config", None)
-    return config
+    return cli_scaffold.parse(cli_scaffold.build_parser(benchmark(name), f"{PROG} {name}"), argv)
 
 
 def usage() -> str:
@@ -76,15 +52,11 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one benchmark; 0 on success, 2 (with a one-line message) on bad input such as a missing file."""
+    """Run one benchmark; 0 on success, 2 with one ``error:`` line for a user's mistake (a missing file, a
+    setting out of range: a KangarooError); anything else is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in BENCHMARKS:
         print(usage(), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     config = parse(argv[0], argv[1:])
-    try:
-        benchmark(argv[0])(**config)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_scaffold.run_reporting(lambda: benchmark(argv[0])(**config))

@@ -25,15 +25,12 @@ any of them may come from ``--config FILE``; ``--print_config`` prints them as Y
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any, Literal
 
-from kangaroo_lit.errors import KangarooError
+from kangaroo_lit import cli_scaffold
 
 PROG = "kangaroo-lit specbench"
 DEFAULT_QUESTIONS = "../shared/data/spec_bench_question.jsonl"
-SWITCHES = ("overwrite", "progress")
 
 
 def specbench(
@@ -96,7 +93,7 @@ def specbench(
         pld_ngram_size: prompt lookup: longest n-gram matched (max_matching_ngram_size; Spec-Bench: 3).
         prompt_lookup: lookup and kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
         kernel: linear layers over <= 8 rows: eager (``F.linear``) or streaming (the CPU kernel of
-            :mod:`kangaroo_lit.streaming_linear`, float32); every method, the baseline too, decodes with it.
+            :mod:`kangaroo_lit.kernels.streaming_linear`, float32); every method, the baseline too, decodes with it.
         dtype: dtype of the whole model.
         device: torch device; auto = cuda when available, else cpu.
         runs: repeats of the whole benchmark (mean and std over runs); answers in run_1/, run_2/, ...
@@ -118,43 +115,16 @@ def specbench(
         warmup=warmup, threads=threads, out_dir=out_dir, overwrite=overwrite, progress=progress))
 
 
-def build_parser():
-    """``--config``, ``--print_config`` and one argument per parameter of :func:`specbench`.
+def parse(argv: list[str] | None = None) -> dict[str, Any]:
+    """The parsed arguments of :func:`specbench` (``--config`` files applied, then the flags after them).
 
     ``--overwrite`` and ``--progress`` are switches: alone they mean true; ``--overwrite false`` or
     ``--no_progress`` set false (so a config file can set them).
     """
-    from docstring_parser import parse as parse_docstring
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
-
-    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """jsonargparse's help, with the description's examples kept as written."""
-
-    # exact names only: no abbreviations (--max_new must not quietly mean --max_new_tokens)
-    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments (repeatable)")
-    parser.add_function_arguments(specbench, as_group=False, as_positional=False, skip=set(SWITCHES))
-    docs = {p.arg_name: p.description for p in parse_docstring(specbench.__doc__ or "").params}
-    defaults = {"overwrite": False, "progress": True}
-    for name in SWITCHES:
-        parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", default=defaults[name], help=docs.get(name))
-    return parser
-
-
-def parse(argv: list[str] | None = None) -> dict[str, Any]:
-    """The parsed arguments of :func:`specbench` (``--config`` files applied, then the flags after them)."""
-    cfg = build_parser().parse_args(argv).as_dict()
-    cfg.pop("config", None)
-    return cfg
+    return cli_scaffold.parse(cli_scaffold.build_parser(specbench, PROG), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``kangaroo-lit specbench``: 0 on success, 2 with one ``error:`` line for a user's mistake."""
-    from kangaroo_lit.cli_export import report_user_error
-
-    cfg = parse(list(sys.argv[1:] if argv is None else argv))
-    try:
-        specbench(**cfg)
-    except KangarooError as err:
-        return report_user_error(err)
-    return 0
+    cfg = parse(argv)
+    return cli_scaffold.run_reporting(lambda: specbench(**cfg))
