@@ -69,3 +69,17 @@ def test_importing_bench_and_scripts_has_no_side_effects(monkeypatch):
         assert warnings.filters == [], warnings.filters
     assert dict(os.environ) == environ
     assert sys.path == path
+
+
+
+def test_only_user_errors_are_one_line(monkeypatch):
+    """A ValueError that is not a KangarooError is a bug: it keeps its traceback (errors.py)."""
+    import kangaroo_lit.bench.decode
+
+    def broken(base_model: str | None = None) -> dict:
+        """A benchmark with a bug."""
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(kangaroo_lit.bench.decode, "decode", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["decode"])
