@@ -170,6 +170,9 @@ def save_artifact(model: KangarooModel, out_dir: str | Path, base_model: str, dt
             model.base.save_pretrained(str(tmp / LORA_DIR))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(manifest))
+        from kangaroo_lit.hf.artifact_generate import write_custom_generate
+
+        write_custom_generate(tmp)  # model.generate(..., custom_generate=<artifact>, trust_remote_code=True)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,8 +180,65 @@ def save_artifact(model: KangarooModel, out_dir: str | Path, base_model: str, dt
     return out
 
 
-def model_card(manifest: dict[str, Any]) -> str:
-    """A short model card (Markdown) from the manifest."""
+def base_license(base_model: str) -> str | None:
+    """The base model's license where known: its model card's YAML ``license:``, or the registry entry of a
+    model ``kangaroo-lit pull`` fetched (``model:<name>``, or a pulled directory); None when unknown."""
+    from kangaroo_lit import model_zoo
+
+    name = base_model[len("model:"):] if base_model.startswith("model:") else None
+    try:
+        path = Path(resolve_path(base_model))
+    except (FileNotFoundError, KangarooError):
+        path = None
+    if path is not None and (path / "README.md").is_file():
+        text = (path / "README.md").read_text(errors="replace")
+        if text.startswith("---"):
+            for line in text.split("\n---", 1)[0].splitlines():
+                if line.strip().startswith("license:"):
+                    return line.split(":", 1)[1].strip().strip("'\"") or None
+    if path is not None and (path / model_zoo.MANIFEST).is_file():
+        name = _read_json_object(path / model_zoo.MANIFEST).get("name", name)
+    spec = model_zoo.REGISTRY.get(name or "")
+    return spec.license.lower() if spec is not None else None
+
+
+def _yaml_front_matter(manifest: dict[str, Any], license_name: str | None, datasets: list[str]) -> list[str]:
+    from kangaroo_lit import model_zoo
+
+    base = manifest["base_model"]
+    if base.startswith("model:") and base[len("model:"):] in model_zoo.REGISTRY:
+        base = model_zoo.REGISTRY[base[len("model:"):]].upstream  # the Hub id a pulled model comes from
+    lines = ["---", f"base_model: {json.dumps(base)}", "library_name: kangaroo_lit", "pipeline_tag: text-generation",
+             "tags:", "  - kangaroo_lit", "  - speculative-decoding", "  - self-speculative-decoding",
+             "  - custom_generate"]
+    if license_name:
+        lines.append(f"license: {license_name}")
+    if datasets:
+        lines += ["datasets:"] + [f"  - {json.dumps(d)}" for d in datasets]
+    return lines + ["---", ""]
+
+
+def _measured_lines(measured: dict[str, Any] | None) -> list[str]:
+    """The measured speed section: figures with the command that produced them, or "not measured"."""
+    if not measured:
+        return ["## Measured speed", "", "Not measured. `kangaroo-lit specbench --artifact <this dir>` measures "
+                "acceptance and speedup over plain decoding on your hardware.", ""]
+    lines = ["## Measured speed", ""]
+    lines += [f"* {key}: {value}" for key, value in measured.items() if key != "command"]
+    if measured.get("command"):
+        lines += ["", "Measured by:", "", "```bash", measured["command"], "```"]
+    return lines + [""]
+
+
+def model_card(manifest: dict[str, Any], measured: dict[str, Any] | None = None,
+               license_name: str | None = None) -> str:
+    """The artifact's model card (Markdown with Hub YAML metadata) from the manifest.
+
+    Args:
+        measured: acceptance / speedup figures and the ``command`` that produced them (else the card says
+            "not measured").
+        license_name: the base model's license; default :func:`base_license` of the manifest's base.
+    """
     lora = manifest["lora"]
     lora_line = (f"LoRA rank {lora['rank']} (alpha {lora['alpha']}) on layers 0..{manifest['exit_layer']}, "
                  f"targets {', '.join(lora['target_modules'])}, scope `{lora['scope']}`" if lora else "no LoRA")
@@ -188,7 +248,10 @@ def model_card(manifest: dict[str, Any]) -> str:
     training = manifest.get("training") or {}
     data = training.get("data") or {}
     data_line = data.get("data_path") or data.get("dataset_name") or "unknown"
-    lines = [
+    if license_name is None:
+        license_name = base_license(manifest["base_model"])
+    datasets = [d for d in (data.get("dataset_name"),) if d]
+    lines = _yaml_front_matter(manifest, license_name, datasets) + [
         f"# Kangaroo draft for `{manifest['base_model']}`",
         "",
         "A self-speculative draft made with kangaroo_lit: the base model's shallow layers "
@@ -205,12 +268,42 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"* Training data: `{data_line}`",
         f"* Trained for {training.get('global_step', '?')} steps (epoch {training.get('epoch', '?')}).",
         f"* kangaroo_lit git revision: `{manifest.get('git_revision')}`",
+        f"* License: {license_name or 'not known here: see the base model'} (the base model's).",
     ]
     if manifest.get("metrics"):
         lines += ["", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(manifest["metrics"].items())]
-    lines += ["", "Decode with: `kangaroo-lit generate --artifact <this dir> --prompt \"...\"`", ""]
+    lines += ["", *_measured_lines(measured), *_usage_lines(manifest)]
     return "\n".join(lines)
+
+
+def _usage_lines(manifest: dict[str, Any]) -> list[str]:
+    base = manifest["base_model"]
+    return [
+        "## Decode with it", "",
+        "The output is the base model's own: greedy decoding gives the same tokens as plain `generate`, sampling "
+        "the same distribution. Needs `pip install kangaroo_lit`.", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained(\"<the base model: {base}>\")",
+        "tokenizer = AutoTokenizer.from_pretrained(\"<the base model>\")",
+        "inputs = tokenizer(\"Once upon a time\", return_tensors=\"pt\")",
+        "out = model.generate(**inputs, max_new_tokens=64, custom_generate=\"<this folder>\", trust_remote_code=True)",
+        "```", "",
+        "or `from kangaroo_lit import load_draft; draft = load_draft(\"<this folder>\")` (then `draft.generate(ids)`), "
+        "or `kangaroo-lit generate --artifact <this folder> --prompt \"...\"`.", "",
+    ]
+
+
+def write_model_card(artifact_dir: str | Path, measured: dict[str, Any] | None = None) -> Path:
+    """(Re)write an existing artifact's ``README.md`` and ``custom_generate/`` (e.g. after measuring it)."""
+    from kangaroo_lit.hf.artifact_generate import write_custom_generate
+
+    artifact_dir = Path(artifact_dir)
+    (artifact_dir / "README.md").write_text(model_card(read_manifest(artifact_dir), measured))
+    write_custom_generate(artifact_dir)
+    return artifact_dir / "README.md"
 
 
 def _field_error(artifact_dir: Path, field: str, problem: str) -> CheckpointError:
@@ -291,6 +384,17 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
                                   f"layers {list(range(exit_layer + 1))}) but field 'lora.layers' is {lora['layers']}")
     _check_training_record(manifest, artifact_dir)
     return manifest
+
+
+def _confidence_temperature(artifact_dir: Path, manifest: dict) -> float:
+    """``calibration.temperature`` (``kangaroo-lit calibrate``), 1.0 for an uncalibrated draft."""
+    calibration = manifest.get("calibration")
+    if calibration is None:
+        return 1.0
+    value = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _field_error(artifact_dir, "calibration.temperature", f"must be a number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_training_record(manifest: dict, artifact_dir: Path) -> None:
@@ -472,10 +576,12 @@ def load_artifact(artifact_dir: str | Path, dtype: str | torch.dtype | None = No
         raise CheckpointError(f"artifact {artifact_dir}: {DRAFT_VOCAB_FILE} holds token id {int(draft_vocab.max())}, "
                               f"outside the vocabulary of the base model {base_name} "
                               f"({base.get_output_embeddings().out_features} tokens)")
+    temperature = _confidence_temperature(artifact_dir, manifest)
     # Artifacts from before the adapter MLP existed have no mlp_width: Kangaroo's adapter.
     adapter_mlp = manifest["adapter"].get("mlp_width") or 0
     model = KangarooModel(base, manifest["exit_layer"], lora=lora, exit_head=manifest["exit_head"],
                           trainable_dtype=torch_dtype, draft_vocab=draft_vocab, adapter_mlp=adapter_mlp)
+    model.confidence_temperature = temperature
     _check_tensors(artifact_dir, ADAPTER_FILE, {k: v.shape for k, v in model.adapter.state_dict().items()})
     if model.exit_proj is not None:
         _check_tensors(artifact_dir, HEAD_FILE, {k: v.shape for k, v in model.exit_proj.state_dict().items()})

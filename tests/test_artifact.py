@@ -94,7 +94,8 @@ def test_export_refuses_a_non_empty_out_dir_unless_overwrite(checkpoint, tmp_pat
 
     assert main(["export", "--ckpt_path", str(checkpoint), "--out_dir", str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists()  # the old directory is gone, not merged into
-    assert {p.name for p in out.iterdir()} == {"kangaroo.json", "kangaroo_adapter.safetensors", "lora", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"kangaroo.json", "kangaroo_adapter.safetensors", "lora", "README.md",
+                                             "custom_generate"}
     assert read_manifest(out)["exit_layer"] == 1
     assert leftovers(tmp_path, "artifact") == []
 
