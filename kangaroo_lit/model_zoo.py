@@ -235,37 +235,18 @@ def pull_command(name: str = "", force: bool = False, list: bool = False) -> int
     return 0
 
 
-# ``--list`` and ``--force`` are switches, as in ``generate``: alone they mean true.
-PULL_SWITCHES = ("force", "list")
-
-
-def build_parser():
-    """``kangaroo-lit pull``'s parser: ``--name`` (also positional-free), ``--force`` and ``--list`` switches."""
-    from docstring_parser import parse as parse_docstring
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
-
-    parser = ArgumentParser(prog="kangaroo-lit pull", description=pull_command.__doc__.split("\n")[0],
-                            allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these arguments")
-    parser.add_function_arguments(pull_command, as_group=False, as_positional=False, skip=set(PULL_SWITCHES))
-    docs = {p.arg_name: p.description for p in parse_docstring(pull_command.__doc__ or "").params}
-    for switch in PULL_SWITCHES:
-        parser.add_argument(f"--{switch}", action=ActionYesNo, nargs="?", default=False, help=docs.get(switch))
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``kangaroo-lit pull NAME`` (or ``--name NAME``) ``[--force]``: fetch and convert a model (``--list``)."""
-    from kangaroo_lit.errors import KangarooError
+    """``kangaroo-lit pull NAME`` (or ``--name NAME``) ``[--force]``: fetch and convert a model (``--list``).
+
+    ``--list`` and ``--force`` are switches, as in ``generate``: alone they mean true.
+    """
+    from kangaroo_lit import cli_scaffold
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         # ``kangaroo-lit pull NAME``, as the "not pulled yet" message writes it, means ``--name NAME``
         argv = ["--name", *argv]
-    config = build_parser().parse_args(argv).as_dict()
-    config.pop("config", None)
-    try:
-        return pull_command(**config)
-    except KangarooError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    parser = cli_scaffold.build_parser(pull_command, "kangaroo-lit pull",
+                                       description=pull_command.__doc__.split("\n")[0])
+    config = cli_scaffold.parse(parser, argv)
+    return cli_scaffold.run_reporting(lambda: pull_command(**config))
