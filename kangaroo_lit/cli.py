@@ -41,6 +41,7 @@ OWN_SUBCOMMANDS: dict[str, str] = {
     "pull": "kangaroo_lit.model_zoo:main",
     "distill": "kangaroo_lit.distill:main",
     "self_instruct": "kangaroo_lit.distill:main_self_instruct",
+    "calibrate": "kangaroo_lit.calibration:main",
     "bench": "kangaroo_lit.bench.cli:main",
     "specbench": "kangaroo_lit.specbench.cli:main",
 }
@@ -57,6 +58,7 @@ DESCRIPTIONS: dict[str, str] = {
     "pull": "fetch and convert a known base model (--list shows them)",
     "distill": "answer a data set's prompts with the base model (self-distilled training data)",
     "self_instruct": "instructions written and answered by the base model itself",
+    "calibrate": "fit a draft artifact's confidence temperature on held-out answers",
     "bench": "benchmarks: decoding speed, training step, cost model",
     "specbench": "Spec-Bench: decoding methods compared on its question set",
 }

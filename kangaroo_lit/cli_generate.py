@@ -56,6 +56,8 @@ class GenerateOptions:
             (prompt lookup; 0 = off: the adapter drafts every round).
         drafter: adapter (the trained draft; with --prompt_lookup, lookup where it matches) or lookup (prompt
             lookup alone, no draft: a round without a match is a plain step).
+        skip_below: a round whose first draft's confidence is below this verifies no draft (a plain step); in
+            [0, 1], 0 = off (break-even is about v_2 - 1 of bench cost_model).
         kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (a CPU float32 kernel
             that verifies several tokens for about the price of one; compiled on first use).
         compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
@@ -81,6 +83,7 @@ class GenerateOptions:
     max_draft: int = 6
     prompt_lookup: int = 0
     drafter: Literal["adapter", "lookup"] = "adapter"
+    skip_below: float = 0.0
     kernel: Literal["eager", "streaming"] = "eager"
     compare_vanilla: bool = False
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -106,7 +109,8 @@ class GenerateOptions:
         """The decoding settings of these options (checked: a bad value is a one-line ConfigError)."""
         return DecodingSettings.for_options(
             "--", max_new_tokens=self.max_new_tokens, threshold=self.threshold, max_draft=self.max_draft,
-            prompt_lookup=self.prompt_lookup, drafter=self.drafter, temperature=self.temperature, top_p=self.top_p,
+            prompt_lookup=self.prompt_lookup, drafter=self.drafter, skip_below=self.skip_below,
+            temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, kernel=self.kernel)
 
     def _check_device(self) -> None:

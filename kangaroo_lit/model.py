@@ -175,6 +175,9 @@ class KangarooModel(nn.Module):
             raise ValueError(f"exit_head must be 'shared' or 'trainable', got {exit_head!r}")
         self.exit_layer = exit_layer
         self.exit_head_mode = exit_head
+        # Temperature at which the draft's top probability reads as an acceptance probability (decoding's
+        # confidence; ``kangaroo-lit calibrate`` fits it, artifacts carry it); 1 = the raw softmax.
+        self.confidence_temperature = 1.0
         self.lora_settings = lora if lora is not None and lora.rank > 0 else None
         if self.lora_settings is not None and self.lora_settings.scope not in ("draft", "shared"):
             raise ValueError(f"lora scope must be 'draft' or 'shared', got {self.lora_settings.scope!r}")

@@ -171,7 +171,7 @@ class OptimizerSettings:
             raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-# The streaming CPU kernel multiplies at most this many input rows at once (kangaroo_lit.streaming_linear);
+# The streaming CPU kernel multiplies at most this many input rows at once (kangaroo_lit.kernels.streaming_linear);
 # a verification pass covers the drafts plus the round's first token.
 KERNEL_MAX_ROWS = 8
 KERNELS = ("eager", "streaming")
@@ -198,6 +198,10 @@ class DecodingSettings:
         top_k: top-k sampling, >= 0 (0 = off).
         kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (the CPU float32
             kernel: a verification pass for about the price of one step).
+        skip_below: a round whose first adapter draft has a confidence below this verifies no draft (a
+            plain step: the wider verification pass is saved); in [0, 1], 0 = off. Break-even is about
+            ``v_2 - 1`` of ``bench cost_model``; with a calibrated draft (``kangaroo-lit calibrate``) the
+            confidence is an acceptance probability.
     """
 
     FREE_ON_RESUME: ClassVar[bool] = True  # a resumed training run may change how it decodes
@@ -211,6 +215,7 @@ class DecodingSettings:
     top_p: float = 1.0
     top_k: int = 0
     kernel: Literal["eager", "streaming"] = "eager"
+    skip_below: float = 0.0
 
     def __post_init__(self) -> None:
         self.check("decoding.")
@@ -238,6 +243,8 @@ class DecodingSettings:
             raise bad("top_p", "in (0, 1] (1 = off)")
         if self.top_k < 0:
             raise bad("top_k", ">= 0 (0 = off)")
+        if not 0 <= self.skip_below <= 1:
+            raise bad("skip_below", "in [0, 1] (0 = off)")
         if self.kernel not in KERNELS:
             raise bad("kernel", f"one of {', '.join(KERNELS)}")
         if self.kernel == "streaming":
@@ -272,7 +279,8 @@ class DecodingSettings:
         """The drafter these settings describe."""
         from kangaroo_lit.decoding.drafters import make_drafter
 
-        return make_drafter(self.drafter, self.threshold, self.max_draft, self.prompt_lookup, prompt_lookup_ngram)
+        return make_drafter(self.drafter, self.threshold, self.max_draft, self.prompt_lookup, prompt_lookup_ngram,
+                            skip_below=self.skip_below)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -112,3 +112,53 @@ def test_sampling_is_exact_with_an_arbitrary_drafter(mode):
     rejected = sum(d > a for d, a in drafter.updates)
     assert accepted > 0 and rejected > 0
     assert total_variation(counts, exact) < SAMPLING_TV_BOUND
+
+
+@pytest.mark.parametrize("arch_index", range(len(ARCHITECTURES)), ids=ARCHITECTURES)
+def test_skipping_unpromising_drafts_is_greedy_exact(arch_index, tiny_model_dirs):
+    """skip_below: rounds whose first draft is not confident enough are plain steps; output unchanged,
+    also with a calibration temperature on the model."""
+    from tests.helpers import noisy_oracle
+
+    arch = ARCHITECTURES[arch_index]
+    rng = random.Random(900 + arch_index)
+    skipped = verified = 0
+    for m, mode in enumerate(("off", "draft", "shared")):
+        model = build_decoding_model(tiny_model_dirs[arch], (arch_index + m) % 3, mode, seed=arch_index * 5 + m)
+        model.confidence_temperature = (0.7, 1.0, 2.5)[m]
+        for case in range(3):
+            ids = repeating_prompt(rng, model.config.vocab_size)
+            max_new = rng.randint(10, 20)
+            reference = greedy_reference(model, ids, max_new)
+            rounds: list[RoundInfo] = []
+            drafter = make_drafter("adapter", threshold=0.3, max_draft=3, skip_below=0.5,
+                                   prompt_lookup=2 if case == 2 else 0,
+                                   draft_logits_fn=noisy_oracle(reference, ids.shape[1], seed=case))
+            result = SelfSpeculativeDecoder(model, drafter=drafter, on_round=rounds.append).generate(ids, max_new)
+            assert result.tokens == reference, (arch, mode, case)
+            skipped += sum(not r.drafted for r in rounds[1:])
+            verified += sum(bool(r.drafted) and not r.lookup for r in rounds[1:])
+            assert result.draft_steps >= result.drafted - result.lookup_drafted
+    assert skipped > 0 and verified > 0, (skipped, verified)
+
+
+def test_sampling_is_exact_with_skipped_drafts():
+    prompt, first = [1, 5, 7], 3
+    sampling = SamplingConfig(temperature=1.0, top_k=3)
+    model = build_small_model("off")
+    exact = exact_distribution(model, prompt, sampling, first)
+    rounds: Counter = Counter()
+
+    def note(info: RoundInfo) -> None:
+        if info.index:
+            rounds["skipped" if not info.drafted else "verified"] += 1
+
+    drafter = make_drafter("adapter", threshold=0.0, max_draft=2, skip_below=0.6)
+    decoder = SelfSpeculativeDecoder(model, drafter=drafter, on_round=note)
+    generator = torch.Generator().manual_seed(6)
+    counts: Counter = Counter()
+    for _ in range(2500):
+        result = decoder.generate(torch.tensor([prompt]), first + 1, temperature=1.0, top_k=3, generator=generator)
+        counts[tuple(result.tokens[:first])] += 1
+    assert rounds["skipped"] > 0 and rounds["verified"] > 0, rounds
+    assert total_variation(counts, exact) < SAMPLING_TV_BOUND

@@ -64,8 +64,9 @@ class Proposal:
         tokens: (B, k) draft ids, ``k >= 0`` (0: a plain one-token step).
         probs: (k, V) the distributions the drafts were drawn from (sampling); None for greedy, and
             for copied tokens, whose ``q`` is a point mass at the token (the decoder builds it).
-        shallow: (B, k, d) shallow states of ``x, d1..d_{k-1}`` that drafting already wrote to the
-            shared shallow cache (so verification runs the shallow layers on ``dk`` only), or None.
+        shallow: (B, j, d) shallow states of the first ``j`` of ``x, d1..dk`` that drafting already wrote
+            to the shared shallow cache (``x, d1..d_{k-1}``: verification runs the shallow layers on
+            ``dk`` only; ``x`` alone for a draft not worth verifying), or None.
         source: ``"adapter"``, ``"lookup"`` or ``"none"``.
         draft_steps: draft-path forward calls made.
     """
@@ -111,26 +112,37 @@ class Drafter(ABC):
 class AdapterDrafter(Drafter):
     """The Kangaroo draft path: one token per step until confidence < ``threshold`` or ``max_draft``.
 
+    A draft's *confidence* is its top probability: greedy reads the draft distribution at the model's
+    calibrated temperature (``model.confidence_temperature``, fitted by ``kangaroo-lit calibrate``; 1
+    without), sampling the warped distribution the draft was drawn from.
+
     Args:
-        threshold: a draft whose top-1 probability is below this ends the round, in [0, 1] (0: always
-            draft ``max_draft``; 1: draft exactly one). Greedy reads the draft distribution at temperature
-            1; sampling the warped distribution the draft was drawn from.
+        threshold: a draft whose confidence is below this ends the round, in [0, 1] (0: always draft
+            ``max_draft``; 1: draft exactly one).
         max_draft: most tokens per round (>= 1).
         draft_logits_fn: test hook, see :data:`DraftLogitsFn`.
+        skip_below: a round whose *first* draft's confidence is below this verifies no draft: it is a
+            plain one-token step (the draft step is spent, the wider verification pass saved). In [0, 1];
+            0 = off. Worth it below break-even, ``v_2 - 1`` of the cost model (``bench cost_model``).
     """
 
-    def __init__(self, threshold: float = 0.6, max_draft: int = 6, draft_logits_fn: DraftLogitsFn | None = None):
+    def __init__(self, threshold: float = 0.6, max_draft: int = 6, draft_logits_fn: DraftLogitsFn | None = None,
+                 skip_below: float = 0.0):
         if max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {max_draft}")
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if not 0 <= skip_below <= 1:
+            raise ValueError(f"skip_below must be in [0, 1], got {skip_below}")
         self.threshold = threshold
         self.max_draft = max_draft
         self.draft_logits_fn = draft_logits_fn
+        self.skip_below = skip_below
 
     def propose(self, model, state, budget, sampling, generator) -> Proposal:
         x_pos = state.committed.shape[1] - 1
         k_max = max(1, min(self.max_draft, budget))
+        temperature = float(getattr(model, "confidence_temperature", 1.0))
         shallow_states, drafts, draft_probs = [], [], []
         token = state.committed[:, -1:]
         for i in range(1, k_max + 1):
@@ -146,15 +158,21 @@ class AdapterDrafter(Drafter):
                 if probs is not None:
                     probs = model.scatter_draft(probs)
             shallow_states.append(hidden)
+            if self.threshold > 0 or self.skip_below > 0:
+                conf_probs = (logits.float() / temperature).softmax(dim=-1) if probs is None else probs
+                confidence = float(conf_probs.max(dim=-1).values[0])
+                if i == 1 and confidence < self.skip_below:
+                    # Not worth verifying: a plain step. The draft path has taken x (its state is kept).
+                    return Proposal(tokens=state.committed[:, :0], probs=None,
+                                    shallow=hidden if model.shallow_is_shared else None, source="adapter",
+                                    draft_steps=1)
             drafts.append(draft)
             draft_probs.append(probs)
             token = draft[:, None]
             if i == k_max or self.threshold >= 1:
                 break
-            if self.threshold > 0:
-                conf_probs = logits.float().softmax(dim=-1) if probs is None else probs
-                if float(conf_probs.max(dim=-1).values[0]) < self.threshold:
-                    break
+            if self.threshold > 0 and confidence < self.threshold:
+                break
         return Proposal(
             tokens=torch.stack(drafts, dim=1),
             probs=None if sampling.greedy else torch.cat(draft_probs, dim=0),
@@ -240,13 +258,13 @@ class LookupThenAdapter(Drafter):
 
 def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int = 6, prompt_lookup: int = 0,
                  prompt_lookup_ngram: tuple[int, int] = (2, 3),
-                 draft_logits_fn: DraftLogitsFn | None = None) -> Drafter:
+                 draft_logits_fn: DraftLogitsFn | None = None, skip_below: float = 0.0) -> Drafter:
     """The drafter for a decoding configuration.
 
     Args:
         kind: ``"adapter"`` (with ``prompt_lookup > 0``: lookup where it matches, else the adapter) or
             ``"lookup"`` (lookup only: a round without a match is a plain one-token step).
-        threshold, max_draft, draft_logits_fn: the adapter's (:class:`AdapterDrafter`).
+        threshold, max_draft, draft_logits_fn, skip_below: the adapter's (:class:`AdapterDrafter`).
         prompt_lookup: most tokens copied per round (0: no lookup; ``kind="lookup"`` needs >= 1).
         prompt_lookup_ngram: ``(min, max)`` n-gram sizes matched.
 
@@ -259,7 +277,7 @@ def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int =
         raise ValueError(f"prompt_lookup must be >= 0 (tokens; 0 = off), got {prompt_lookup}")
     if kind == "lookup" and prompt_lookup < 1:
         raise ValueError("drafter 'lookup' needs prompt_lookup >= 1 (tokens copied per round)")
-    adapter = AdapterDrafter(threshold, max_draft, draft_logits_fn)
+    adapter = AdapterDrafter(threshold, max_draft, draft_logits_fn, skip_below)
     if kind == "lookup":
         return LookupDrafter(prompt_lookup, prompt_lookup_ngram)
     if prompt_lookup:

@@ -289,8 +289,12 @@ class SelfSpeculativeDecoder:
             # The shared shallow cache is the draft path's: positions drafting already ran there are
             # reused, the rest (the adapter's dk, or every copied token) run now and enter it.
             j = 0 if proposal.shallow is None else proposal.shallow.shape[1]
-            rest = model.shallow(model.embed(ids[:, j:]), where[:, j:], cache=state.caches["draft_shallow"], draft=True)
-            verify_hidden = rest if proposal.shallow is None else torch.cat([proposal.shallow, rest], dim=1)
+            if j == ids.shape[1]:  # every position has been through the shallow layers already
+                verify_hidden = proposal.shallow
+            else:
+                rest = model.shallow(model.embed(ids[:, j:]), where[:, j:], cache=state.caches["draft_shallow"],
+                                     draft=True)
+                verify_hidden = rest if proposal.shallow is None else torch.cat([proposal.shallow, rest], dim=1)
         else:
             # Scope "draft": the untouched shallow layers, on their own cache.
             verify_hidden = model.shallow(model.embed(ids), where, cache=state.caches["verify_shallow"], draft=False)

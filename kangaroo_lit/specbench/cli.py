@@ -53,6 +53,7 @@ def specbench(
     pld_num_tokens: int = 10,
     pld_ngram_size: int = 3,
     prompt_lookup: int = 7,
+    skip_below: float = 0.0,
     kernel: Literal["eager", "streaming"] = "eager",
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
     device: str = "auto",
@@ -92,6 +93,8 @@ def specbench(
         pld_num_tokens: prompt lookup: tokens proposed per round (prompt_lookup_num_tokens; Spec-Bench: 10).
         pld_ngram_size: prompt lookup: longest n-gram matched (max_matching_ngram_size; Spec-Bench: 3).
         prompt_lookup: lookup and kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
+        skip_below: kangaroo, kangaroo_lookup, early_exit: a round whose first draft's confidence is below this
+            verifies no draft (a plain step); 0 = off.
         kernel: linear layers over <= 8 rows: eager (``F.linear``) or streaming (the CPU kernel of
             :mod:`kangaroo_lit.kernels.streaming_linear`, float32); every method, the baseline too, decodes with it.
         dtype: dtype of the whole model.
@@ -110,8 +113,8 @@ def specbench(
         template=template, subtasks=tuple(subtasks) if subtasks else None, limit=limit, turns=turns,
         methods=tuple(methods) if methods else None, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, threshold=threshold, max_draft=max_draft,
-        pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, prompt_lookup=prompt_lookup, kernel=kernel,
-        dtype=dtype, device=device, runs=runs,
+        pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, prompt_lookup=prompt_lookup,
+        skip_below=skip_below, kernel=kernel, dtype=dtype, device=device, runs=runs,
         warmup=warmup, threads=threads, out_dir=out_dir, overwrite=overwrite, progress=progress))
 
 

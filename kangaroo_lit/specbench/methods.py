@@ -218,11 +218,17 @@ def cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
 
 def build_methods(model: KangarooModel, eos: list[int], names: list[str], trained: bool, threshold: float,
                   max_draft: int, pld_num_tokens: int = 10, pld_ngram_size: int = 3,
-                  prompt_lookup: int = 7) -> list[Method]:
+                  prompt_lookup: int = 7, skip_below: float = 0.0) -> list[Method]:
     """The methods called ``names`` (a subset of :data:`METHOD_ORDER`; ``kangaroo`` and ``kangaroo_lookup``
     need ``trained``, ``early_exit`` its absence), in the order given."""
     L = model.exit_layer
-    draft = f"exit layer {L}, threshold {threshold:g}, max_draft {max_draft}"
+    draft = f"exit layer {L}, threshold {threshold:g}, max_draft {max_draft}" + (
+        f", skip_below {skip_below:g}" if skip_below else "")
+
+    def adapter_decoder(lookup: int) -> SelfSpeculativeDecoder:
+        return SelfSpeculativeDecoder(model, drafter=make_drafter("adapter", threshold, max_draft, lookup,
+                                                                  skip_below=skip_below))
+
     made: dict[str, Any] = {
         "vanilla": lambda: DecoderMethod("vanilla", "vanilla loop (kangaroo_lit VanillaDecoder), the baseline",
                                          model, eos, VanillaDecoder(model)),
@@ -245,14 +251,13 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
             {"assistant_early_exit": L + 1, "num_assistant_tokens": max_draft,
              "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": threshold}),
         "kangaroo": lambda: DecoderMethod("kangaroo", f"Kangaroo self-speculative, trained draft ({draft})", model,
-                                          eos, SelfSpeculativeDecoder(model, threshold=threshold, max_draft=max_draft)),
+                                          eos, adapter_decoder(0)),
         "kangaroo_lookup": lambda: DecoderMethod(
             "kangaroo_lookup", f"Kangaroo self-speculative + prompt lookup (at most {prompt_lookup} copied tokens, "
             f"n-grams 3..2), trained draft ({draft})", model, eos,
-            SelfSpeculativeDecoder(model, threshold=threshold, max_draft=max_draft, prompt_lookup=prompt_lookup)),
+            adapter_decoder(prompt_lookup)),
         "early_exit": lambda: DecoderMethod("early_exit", f"self-speculative, untrained early exit ({draft})", model,
-                                            eos, SelfSpeculativeDecoder(model, threshold=threshold,
-                                                                        max_draft=max_draft)),
+                                            eos, adapter_decoder(0)),
     }
     out = []
     for name in names:

@@ -71,6 +71,7 @@ class SpecBenchSettings:
     pld_num_tokens: int
     pld_ngram_size: int
     prompt_lookup: int
+    skip_below: float
     kernel: str
     dtype: str
     device: str
@@ -121,7 +122,8 @@ class SpecBenchSettings:
             "--", max_new_tokens=self.max_new_tokens,
             threshold=defaults.threshold if self.threshold is None else self.threshold,
             max_draft=defaults.max_draft if self.max_draft is None else self.max_draft,
-            prompt_lookup=self.prompt_lookup, drafter=drafter, temperature=self.temperature, top_p=self.top_p,
+            prompt_lookup=self.prompt_lookup, drafter=drafter, skip_below=self.skip_below,
+            temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, kernel=self.kernel)
 
     @property
@@ -344,7 +346,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                 "seed": s.seed, "threshold": draft.threshold, "max_draft": draft.max_draft,
                 "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size, "turns": s.turns,
-                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel}
+                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel, "skip_below": s.skip_below}
     names = [m for m in METHOD_ORDER if m in (s.methods or DEFAULT_METHODS)]
     untrained = {"early_exit"} if draft.artifact else {"kangaroo", "kangaroo_lookup"}
     names = [m for m in names if m not in untrained]
@@ -364,7 +366,8 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
         eos = stop_tokens(tokenizer, model)
         methods = build_methods(model, eos, names, trained=draft.artifact is not None, threshold=draft.threshold,
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
-                                pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup)
+                                pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup,
+                                skip_below=s.skip_below)
         conv = Conversations(renderer, tokenizer, s.max_new_tokens, s.sampling, s.seed, device)
         model_id = {m.name: f"{model_name(draft)}-{m.name}-{s.dtype}-temp-{s.temperature:g}" for m in methods}
         done = {run: {m.name: answer_files.read_answers(answer_files.answer_path(out_dir, run, m.name))
