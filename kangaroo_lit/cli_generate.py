@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from kangaroo_lit import cli_scaffold
-from kangaroo_lit.errors import ConfigError, ModelSourceError
+from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.settings import DecodingSettings
 
 PROG = "kangaroo-lit generate"
@@ -149,38 +149,14 @@ def parse(argv: list[str] | None = None) -> dict[str, Any]:
     return cli_scaffold.parse(cli_scaffold.build_parser(GenerateOptions, PROG, text=("prompt",)), argv)
 
 
-def _resolve(name: str) -> str:
-    from kangaroo_lit.embedded import resolve_path
-
-    try:
-        return resolve_path(name)
-    except FileNotFoundError as err:  # an unknown embedded: asset
-        raise ModelSourceError(str(err)) from None
-
-
 def load_model(opts: GenerateOptions):
-    """(KangarooModel, tokenizer) from an artifact or a plain HF model."""
-    from kangaroo_lit.architectures import load_tokenizer
+    """(KangarooModel, tokenizer) from an artifact or a plain HF model (the project's one loader,
+    :func:`~kangaroo_lit.decoding.session.load_for_decoding`)."""
+    from kangaroo_lit.decoding.session import load_for_decoding
 
-    if opts.artifact:
-        from kangaroo_lit.artifact import load_artifact, read_manifest
-
-        manifest = read_manifest(opts.artifact)
-        if opts.exit_layer is not None and opts.exit_layer != manifest["exit_layer"]:
-            raise ConfigError(f"--exit_layer {opts.exit_layer}: the artifact {opts.artifact} was trained for exit "
-                              f"layer {manifest['exit_layer']} (drop --exit_layer)")
-        model = load_artifact(opts.artifact, dtype=opts.dtype, device=opts.torch_device, base_model=opts.base_model)
-        return model, load_tokenizer(_resolve(opts.base_model or manifest["base_model"]))
-    from kangaroo_lit.architectures import check_model_source, load_base_model, resolve_dtype
-    from kangaroo_lit.model import KangarooModel
-
-    base = _resolve(opts.base_model)
-    check_model_source(base)  # a missing directory, or one without config.json, before the tokenizer says less
-    tokenizer = load_tokenizer(base)  # before the model: quick to load, or to fail
-    dtype = resolve_dtype(opts.dtype)
-    model = KangarooModel(load_base_model(base, dtype), opts.exit_layer, trainable_dtype=dtype)
-    model.to(opts.torch_device).eval().requires_grad_(False)
-    return model, tokenizer
+    loaded = load_for_decoding(artifact=opts.artifact, base_model=opts.base_model, exit_layer=opts.exit_layer,
+                               dtype=opts.dtype, device=opts.torch_device)
+    return loaded.model, loaded.tokenizer
 
 
 def prompt_entries(opts: GenerateOptions) -> list[tuple[str, dict]]:
