@@ -206,16 +206,15 @@ def plot_reliability(record: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``kangaroo-lit calibrate``: fit and record an artifact's confidence temperature (``--help``)."""
-    import jsonargparse
+    from kangaroo_lit import cli_scaffold
 
-    from kangaroo_lit.errors import KangarooError
+    config = cli_scaffold.parse(cli_scaffold.build_parser(calibrate, "kangaroo-lit calibrate"), argv)
 
-    try:
-        record = jsonargparse.CLI(calibrate, args=argv, as_positional=False)
-    except KangarooError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"confidence temperature {record['temperature']:.3f} on {record['positions']} positions: expected "
-          f"calibration error {record['before']['ece']:.3f} -> {record['after']['ece']:.3f} (top-1 agreement "
-          f"{record['top1_agreement']:.3f}); written to kangaroo.json, plot calibration.png", file=sys.stderr)
-    return 0
+    def run() -> None:
+        record = calibrate(**config)
+        print(f"confidence temperature {record['temperature']:.3f} on {record['positions']} positions: expected "
+              f"calibration error {record['before']['ece']:.3f} -> {record['after']['ece']:.3f} (top-1 "
+              f"agreement {record['top1_agreement']:.3f}); written to {config['artifact']}/kangaroo.json, plot "
+              "calibration.png", file=sys.stderr)
+
+    return cli_scaffold.run_reporting(run)

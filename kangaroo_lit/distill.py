@@ -16,6 +16,7 @@ are the test set).
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections import Counter
@@ -443,44 +444,31 @@ def sort_by_source_row(out_path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``kangaroo-lit distill``: self-distilled Dolly rows (``--help`` lists the options)."""
-    import jsonargparse
+    from kangaroo_lit import cli_scaffold
 
-    from kangaroo_lit.errors import KangarooError
+    config = cli_scaffold.parse(cli_scaffold.build_parser(distill, "kangaroo-lit distill"), argv)
 
-    try:
-        written = jsonargparse.CLI(distill, args=argv, as_positional=False)
-    except KangarooError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = _out_path_of(argv)
-    print(f"wrote {written} rows to {out}; train on them with --data.data_path {out}", file=sys.stderr)
-    return 0
+    def run() -> None:
+        written = distill(**config)
+        print(f"wrote {written} rows to {config['out_path']}; train on them with --data.data_path "
+              f"{config['out_path']}", file=sys.stderr)
 
-
-def _out_path_of(argv: list[str] | None) -> str:
-    """The ``--out_path``/``--out_dir`` value of a command line (for the closing summary)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    for i, arg in enumerate(args):
-        for flag in ("--out_path", "--out_dir"):
-            if arg == flag and i + 1 < len(args):
-                return args[i + 1]
-            if arg.startswith(flag + "="):
-                return arg.split("=", 1)[1]
-    return "the output file"
+    return cli_scaffold.run_reporting(run)
 
 
 def main_self_instruct(argv: list[str] | None = None) -> int:
     """``kangaroo-lit self_instruct``: instructions written and answered by the model (``--help``)."""
-    import jsonargparse
+    from kangaroo_lit import cli_scaffold
 
-    from kangaroo_lit.errors import KangarooError
+    parser = cli_scaffold.build_parser(self_instruct, "kangaroo-lit self_instruct",
+                                       description=inspect.getdoc(self_instruct).split("\n\nArgs:")[0])
+    config = cli_scaffold.parse(parser, argv)
 
-    try:
-        written = jsonargparse.CLI(self_instruct, args=argv, as_positional=False)
-    except KangarooError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(_out_path_of(argv))
-    print(f"wrote {written} answers to {out / ANSWERS_FILE} (snapshot {out / (ANSWERS_FILE + '.gz')}, statistics "
-          f"{out / 'stats.json'}); train on them with --data.data_path {out / (ANSWERS_FILE + '.gz')}", file=sys.stderr)
-    return 0
+    def run() -> None:
+        written = self_instruct(**config)
+        out = Path(config["out_dir"])
+        print(f"wrote {written} answers to {out / ANSWERS_FILE} (snapshot {out / (ANSWERS_FILE + '.gz')}, "
+              f"statistics {out / 'stats.json'}); train on them with --data.data_path "
+              f"{out / (ANSWERS_FILE + '.gz')}", file=sys.stderr)
+
+    return cli_scaffold.run_reporting(run)

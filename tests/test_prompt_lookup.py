@@ -12,12 +12,12 @@ from collections import Counter
 import pytest
 import torch
 
-from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, probabilities
+from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder
 from kangaroo_lit.decoding.prompt_lookup import lookup_continuation
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
 from tests.helpers import SAMPLING_TV_BOUND as BOUND
-from tests.helpers import build_small_model, noisy_oracle, total_variation
+from tests.helpers import build_small_model, exact_distribution, noisy_oracle, total_variation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,15 +129,7 @@ def test_sampling_with_prompt_lookup_matches_full_model_distribution():
     first = 3
     sampling = SamplingConfig(temperature=1.0, top_k=3)
     model = build_small_model("draft")
-    exact: dict[tuple[int, ...], float] = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(first):
-            grown = {}
-            for prefix, mass in exact.items():
-                probs = probabilities(model.full_logits(torch.tensor([prompt + list(prefix)]))[0, -1], sampling)
-                for tok in probs.nonzero().flatten().tolist():
-                    grown[prefix + (tok,)] = mass * float(probs[tok])
-            exact = grown
+    exact = exact_distribution(model, prompt, sampling, first)
     lookups: Counter = Counter()
 
     def note(info: RoundInfo) -> None:
