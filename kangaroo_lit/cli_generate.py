@@ -257,7 +257,7 @@ def generate(opts: GenerateOptions) -> int:
     entries = prompt_entries(opts)  # a malformed prompt file fails before a model is loaded
     model, tokenizer = load_model(opts)
     if next(model.parameters()).device.type == "cpu":
-        apply_threads(sum(p.numel() for p in model.parameters()), opts.threads)
+        apply_threads(sum(p.numel() for p in model.parameters()), opts.threads, decoding=True)
     texts = prompt_texts(opts, tokenizer, entries)
     encoded = [encode_prompt(tokenizer, text, where) for (where, _), text in zip(entries, texts)]
     check_prompt_lengths([(where, ids.shape[1]) for (where, _), ids in zip(entries, encoded)], opts.max_new_tokens,

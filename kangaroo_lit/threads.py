@@ -7,7 +7,9 @@ parameters on, the matrix products are large enough to share, but only between c
 an OpenMP thread on a core that another process keeps busy stalls every parallel region of every layer
 (on a 2-core machine with one core busy, SmolLM2 decoding at 2 threads ran anywhere from 0.5 to 24
 tokens/s; at 1 thread 34-36). So the rule never asks for more threads than the cores this process may
-run on minus the ones the 1-minute load average says are busy (BENCHMARKS.md, "CPU threads").
+run on minus the ones the 1-minute load average says are busy, and batch-1 decoding takes one thread,
+which measured fastest even on an idle machine (BENCHMARKS.md, "CPU threads"). The load average lags
+by about a minute: a job that just stopped still counts as busy for a while.
 """
 
 from __future__ import annotations
@@ -53,28 +55,36 @@ def free_cores() -> int:
     return max(1, cpu_cores() - busy_cores())
 
 
-def choose_threads(num_parameters: int | None, requested: int | None = None) -> int:
-    """``requested`` if given, else 1 for a small model and the free cores otherwise."""
+def choose_threads(num_parameters: int | None, requested: int | None = None, decoding: bool = False) -> int:
+    """``requested`` if given, else 1 for a small model or batch-1 decoding, and the free cores otherwise.
+
+    Batch-1 decoding reads every weight once per token: one core streams them nearly as fast as the
+    memory allows, and a second thread measured slower even on an idle machine (SmolLM2-135M: 16.8 against
+    15.6 tokens/s; 5.8 with the other core busy: BENCHMARKS.md, "CPU threads").
+    """
     if requested is not None:
         if requested < 1:
             from kangaroo_lit.errors import ConfigError
 
             raise ConfigError(f"threads must be >= 1, got {requested}")
         return requested
-    if num_parameters is not None and num_parameters < SMALL_MODEL_PARAMETERS:
+    if decoding or (num_parameters is not None and num_parameters < SMALL_MODEL_PARAMETERS):
         return 1
     return free_cores()
 
 
-def apply_threads(num_parameters: int | None, requested: int | None, quiet: bool = False) -> int:
+def apply_threads(num_parameters: int | None, requested: int | None, quiet: bool = False,
+                  decoding: bool = False) -> int:
     """Set torch's CPU threads by :func:`choose_threads` and say on stderr how many and why."""
     import sys
 
-    threads = choose_threads(num_parameters, requested)
+    threads = choose_threads(num_parameters, requested, decoding)
     torch.set_num_threads(threads)
     if not quiet:
         if requested is not None:
             why = "as asked"
+        elif decoding:
+            why = "for batch-1 decoding (fastest measured; --threads N to change)"
         else:
             size = f"a {num_parameters / 1e6:.1f}M-parameter model" if num_parameters is not None else "this model"
             cores, busy = cpu_cores(), busy_cores()

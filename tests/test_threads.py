@@ -22,6 +22,7 @@ def test_real_models_get_the_free_cores(monkeypatch, cores, load, expected):
     assert threads.choose_threads(REAL_MODEL) == expected
     assert threads.choose_threads(threads.SMALL_MODEL_PARAMETERS - 1) == 1
     assert threads.choose_threads(REAL_MODEL, requested=3) == 3
+    assert threads.choose_threads(REAL_MODEL, decoding=True) == 1  # batch-1 decoding: one thread
 
 
 def test_unknown_load_counts_no_core_busy(monkeypatch):
@@ -57,4 +58,4 @@ def test_generate_says_its_threads(tiny_llama_dir, capsys):
 
     assert main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "hi",
                  "--max_new_tokens", "2"]) == 0
-    assert "note: 1 torch CPU thread(s) for a 0." in capsys.readouterr().err
+    assert "note: 1 torch CPU thread(s) for batch-1 decoding" in capsys.readouterr().err
