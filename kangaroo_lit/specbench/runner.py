@@ -147,8 +147,10 @@ class Draft:
 def resolve_draft(s: SpecBenchSettings) -> Draft:
     """The base model, exit layer and drafting rule: the artifact's, else ``--base_model`` + ``--exit_layer``
     (default the embedded model at exit layer 1). ``--threshold`` / ``--max_draft`` default to the
-    decoding settings the artifact's training recorded, else Kangaroo's 0.6 / 6."""
-    decoding: dict[str, Any] = {}
+    decoding settings the artifact's training recorded, else :class:`DecodingSettings`' (0.6 / 6)."""
+    from kangaroo_lit.decoding.session import recorded_decoding
+
+    manifest = None
     if s.artifact:
         from kangaroo_lit.artifact import read_manifest
 
@@ -156,15 +158,13 @@ def resolve_draft(s: SpecBenchSettings) -> Draft:
         if s.exit_layer is not None and s.exit_layer != manifest["exit_layer"]:
             raise ConfigError(f"--exit_layer {s.exit_layer}: the artifact {s.artifact} was trained for exit layer "
                               f"{manifest['exit_layer']} (drop --exit_layer)")
-        decoding = ((manifest.get("training") or {}).get("model") or {}).get("decoding") or {}
-        return Draft(base_model=s.base_model or manifest["base_model"], artifact=str(Path(s.artifact).resolve()),
-                     exit_layer=manifest["exit_layer"],
-                     threshold=s.threshold if s.threshold is not None else float(decoding.get("threshold", 0.6)),
-                     max_draft=s.max_draft if s.max_draft is not None else int(decoding.get("max_draft", 6)))
-    return Draft(base_model=s.base_model or DEFAULT_BASE_MODEL, artifact=None,
-                 exit_layer=DEFAULT_EXIT_LAYER if s.exit_layer is None else s.exit_layer,
-                 threshold=0.6 if s.threshold is None else s.threshold,
-                 max_draft=6 if s.max_draft is None else s.max_draft)
+    recorded = recorded_decoding(manifest)  # the defaults without an artifact
+    return Draft(base_model=s.base_model or (manifest["base_model"] if manifest else DEFAULT_BASE_MODEL),
+                 artifact=str(Path(s.artifact).resolve()) if s.artifact else None,
+                 exit_layer=manifest["exit_layer"] if manifest else (s.exit_layer if s.exit_layer is not None
+                                                                     else DEFAULT_EXIT_LAYER),
+                 threshold=recorded.threshold if s.threshold is None else s.threshold,
+                 max_draft=recorded.max_draft if s.max_draft is None else s.max_draft)
 
 
 def load_model(draft: Draft, dtype: str, device: torch.device):
