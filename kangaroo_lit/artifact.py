@@ -28,9 +28,10 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from kangaroo_lit.architectures import load_base_model, looks_like_local_path, resolve_dtype
+from kangaroo_lit.draft_vocab import check_draft_vocab
 from kangaroo_lit.embedded import PREFIX, resolve_path
 from kangaroo_lit.errors import CheckpointError, ConfigError, KangarooError, ModelSourceError
-from kangaroo_lit.model import KangarooModel, check_draft_vocab
+from kangaroo_lit.model import KangarooModel
 from kangaroo_lit.run_info import git_revision, package_versions
 from kangaroo_lit.settings import LoraSettings
 

@@ -19,10 +19,11 @@ from torchmetrics import MeanMetric
 
 from kangaroo_lit.architectures import load_base_model, resolve_dtype
 from kangaroo_lit.checkpointing import SETTINGS_KEY, check_checkpoint_fits
+from kangaroo_lit.draft_vocab import select_draft_vocab
 from kangaroo_lit.embedded import TINY_MODEL, resolve_path
 from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.losses import draft_cross_entropy, draft_targets, sgp_loss
-from kangaroo_lit.model import KangarooModel, select_draft_vocab
+from kangaroo_lit.model import KangarooModel
 from kangaroo_lit.optim import build_optimizer, build_scheduler
 from kangaroo_lit.rng import RngStateCallback
 from kangaroo_lit.settings import (

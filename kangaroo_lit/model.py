@@ -25,6 +25,8 @@ from transformers.cache_utils import Cache
 
 from kangaroo_lit.adapter import KangarooAdapter
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
+from kangaroo_lit.draft_vocab import check_draft_vocab
+from kangaroo_lit.masks import causal_attention_mask, check_right_padding
 from kangaroo_lit.settings import ExitHeadMode, LoraScope, LoraSettings
 
 # HF attention backends that take the 4-D additive masks of :func:`causal_attention_mask`. (Flash
@@ -42,96 +44,9 @@ class TwoPathOutput:
     draft_vocab: torch.Tensor | None = None
 
 
-def select_draft_vocab(
-    counts: torch.Tensor, k: int, vocab_size: int, always: tuple[int, ...] | list[int] = ()
-) -> torch.Tensor:
-    """The K token ids a restricted draft head scores: the most frequent ones, ``always`` among them.
-
-    Args:
-        counts: (V',) how often each token id is a training target (shorter is padded with zeros; longer
-            only when the extra ids never occur).
-        k: K, how many ids to keep (1 <= K <= ``vocab_size``).
-        vocab_size: V, the model's vocabulary (rows of ``lm_head``).
-        always: ids kept whatever their count (EOS: a draft must be able to stop).
-
-    Returns:
-        (K,) int64 ids in increasing order. Ties in count go to the smaller id.
-    """
-    counts = torch.as_tensor(counts).flatten().to(torch.int64).cpu()
-    if not 1 <= k <= vocab_size:
-        raise ValueError(f"draft vocabulary size must be in 1..{vocab_size} (the model's vocabulary), got {k}")
-    if counts.numel() > vocab_size:
-        if bool(counts[vocab_size:].any()):
-            raise ValueError(f"token counts name ids >= {vocab_size}, outside the model's vocabulary")
-        counts = counts[:vocab_size]
-    elif counts.numel() < vocab_size:
-        counts = torch.cat([counts, counts.new_zeros(vocab_size - counts.numel())])
-    keep = sorted({int(a) for a in always if a is not None and 0 <= int(a) < vocab_size})
-    if len(keep) > k:
-        raise ValueError(f"draft vocabulary size {k} is smaller than the {len(keep)} ids it must hold ({keep})")
-    order = torch.sort(counts, descending=True, stable=True).indices  # stable: ties by increasing id
-    if keep:
-        order = order[~torch.isin(order, torch.tensor(keep))]
-    chosen = torch.cat([torch.tensor(keep, dtype=torch.int64), order[: k - len(keep)]])
-    return torch.sort(chosen).values
-
-
-def check_draft_vocab(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(K,) distinct int64 ids in ``0..vocab_size-1``, or a ValueError saying what is wrong."""
-    ids = torch.as_tensor(ids)
-    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"draft_vocab must be a non-empty 1-D tensor of token ids, got {ids.dtype} {tuple(ids.shape)}")
-    ids = ids.to(torch.int64)
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        raise ValueError(f"draft_vocab ids must be in 0..{vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
-    if torch.unique(ids).numel() != ids.numel():
-        raise ValueError("draft_vocab holds repeated ids")
-    return ids
-
-
 def _rebuild_exit_slice_after_load(module: KangarooModel, incompatible_keys) -> None:
     # A load_state_dict may have replaced the draft vocabulary's ids: re-slice the frozen head to them.
     module._rebuild_exit_slice()
-
-
-def causal_attention_mask(
-    query_length: int,
-    past_length: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    padding_mask: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Additive causal mask for queries at positions ``past_length..past_length+query_length-1``.
-
-    Args:
-        padding_mask: (B, past_length + query_length) with 1 for real tokens, 0 for padding, or None.
-        sliding_window: if set, a query attends to at most this many most recent keys (itself included).
-
-    Returns:
-        (B or 1, 1, query_length, past_length + query_length) tensor of 0 (attend) and the dtype's
-        most negative finite value (masked). Finite, so a fully masked padding row cannot make NaNs.
-    """
-    kv_length = past_length + query_length
-    q_pos = torch.arange(past_length, kv_length, device=device)[:, None]
-    k_pos = torch.arange(kv_length, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window is not None:
-        allowed = allowed & (k_pos > q_pos - sliding_window)
-    allowed = allowed[None, None]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :kv_length].bool()
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def check_right_padding(attention_mask: torch.Tensor, shape: torch.Size) -> None:
-    """Raise a ValueError unless ``attention_mask`` has ``shape`` and no real token follows a pad in a row."""
-    if attention_mask.shape != shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(shape)}")
-    real = attention_mask.bool()
-    if bool((real[:, 1:] & ~real[:, :-1]).any()):
-        raise ValueError("attention_mask: padding must be on the right (a real token follows a pad)")
 
 
 class KangarooModel(nn.Module):

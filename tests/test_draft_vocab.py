@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from kangaroo_lit.artifact import DRAFT_VOCAB_FILE, MANIFEST, export_checkpoint, load_artifact, read_manifest
 from kangaroo_lit.checkpointing import KangarooCheckpoint
+from kangaroo_lit.draft_vocab import select_draft_vocab
 from kangaroo_lit.errors import CheckpointError, ConfigError
 from kangaroo_lit.losses import IGNORE_INDEX
-from kangaroo_lit.model import select_draft_vocab
 from kangaroo_lit.settings import DraftSettings, LoraSettings
 from tests.helpers import fit, make_module, toy_batches
 

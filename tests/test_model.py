@@ -5,7 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kangaroo_lit.architectures import check_exit_layer, load_base_model
-from kangaroo_lit.model import KangarooModel, causal_attention_mask
+from kangaroo_lit.masks import causal_attention_mask
+from kangaroo_lit.model import KangarooModel
 from kangaroo_lit.settings import LoraSettings
 from tests.conftest import ARCHITECTURES
 
