@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -117,7 +117,7 @@ def collect(model, examples, max_positions: int) -> tuple[torch.Tensor, torch.Te
 
 
 def calibrate(artifact: str, data_path: str, max_rows: int = 200, max_positions: int = 20000,
-              use_chat_template: bool | None = None, max_length: int = 512, dtype: str = "float32",
+              format: Literal["chat", "instruction"] | None = None, max_length: int = 512, dtype: str = "float32",
               threads: int | None = None) -> dict[str, Any]:
     """Fit the artifact's confidence temperature on held-out answers and record it in ``kangaroo.json``.
 
@@ -128,8 +128,9 @@ def calibrate(artifact: str, data_path: str, max_rows: int = 200, max_positions:
             model's own answers (``self_instruct`` / ``distill`` output), as decoding sees them.
         max_rows: use the first N rows.
         max_positions: stop after this many response positions.
-        use_chat_template: render rows with the tokenizer's chat template; default: as the draft was
-            trained (its recorded data settings), else the chat template when the tokenizer has one.
+        format: the prompt format, chat (the tokenizer's chat template) or instruction (the training
+            template); default: as the draft was trained (its recorded data settings), else chat when the
+            tokenizer has a chat template.
         max_length: longest example in tokens (longer ones are cut as training cuts them).
         dtype: model dtype.
         threads: torch CPU threads (default: the project's rule).
@@ -149,9 +150,13 @@ def calibrate(artifact: str, data_path: str, max_rows: int = 200, max_positions:
     loaded = load_for_decoding(artifact=artifact, dtype=dtype)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     apply_threads(sum(p.numel() for p in model.parameters()), threads)
-    if use_chat_template is None:
+    if format is None:
         recorded = ((manifest.get("training") or {}).get("data") or {}).get("use_chat_template")
         use_chat_template = bool(recorded) if recorded is not None else has_chat_template(tokenizer)
+    elif format in ("chat", "instruction"):
+        use_chat_template = format == "chat"
+    else:
+        raise ConfigError(f"format must be chat or instruction, got {format!r}")
     rows = load_file_rows(resolve_path(data_path), "dolly", "error")[:max_rows]
     encoder = RowEncoder(tokenizer, max_length=max_length, use_chat_template=use_chat_template)
     examples = encoder.encode_dolly(rows, 0, TruncationStats())

@@ -21,7 +21,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -81,7 +81,7 @@ def distill(
     max_new_tokens: int = 256,
     max_prompt_tokens: int = 768,
     batch_size: int = 8,
-    use_chat_template: bool = True,
+    format: Literal["chat", "instruction"] = "chat",
     max_rows: int | None = None,
     seed: int = 0,
     threads: int | None = None,
@@ -99,7 +99,9 @@ def distill(
         max_new_tokens: longest answer; an answer cut there keeps its text (no EOS target then).
         max_prompt_tokens: rows whose prompt is longer are skipped (counted).
         batch_size: prompts generated together (left-padded).
-        use_chat_template: render rows with the tokenizer's chat template, as training does.
+        format: the prompt format (the same option as generate's and specbench's): chat (the tokenizer's
+            chat template, as training with ``data.use_chat_template``; the instruction template when the
+            tokenizer has none) or instruction (this project's training template).
         max_rows: only the first rows (quick runs).
         seed: base seed; each batch is seeded from it and the batch's first (row, sample).
         threads: torch CPU threads (default: 1 for models under 20M parameters, else every core).
@@ -130,7 +132,9 @@ def distill(
     if tokenizer.pad_token_id is None:  # Llama's tokenizers have none: pad with EOS (masked anyway)
         tokenizer.pad_token = tokenizer.eos_token
     model = load_base_model(path, dtype)
-    encoder = RowEncoder(tokenizer, max_length=2**31 - 1, use_chat_template=use_chat_template)
+    if format not in ("chat", "instruction"):
+        raise ConfigError(f"format must be chat or instruction, got {format!r}")
+    encoder = RowEncoder(tokenizer, max_length=2**31 - 1, use_chat_template=format == "chat")
     add_special = not encoder.use_chat_template
 
     rows = load_file_rows(resolve_path(data_path), "dolly", "error")

@@ -175,7 +175,7 @@ def run_one(name: str, configs: list[str], run_dir: Path, s: dict[str, Any]) -> 
 
     bench = specbench(question_file=s["question_file"], artifact=str(artifact), subtasks=s["subtasks"],
                       limit=s["limit"], methods=["vanilla", "kangaroo"], max_new_tokens=s["max_new_tokens"],
-                      template=s["template"], device=s["device"], warmup=1, out_dir=str(run_dir / "specbench"),
+                      format=s["template"], device=s["device"], warmup=1, out_dir=str(run_dir / "specbench"),
                       overwrite=True, progress=False)
     overall = bench["results"]["overall"]["kangaroo"]
     spec = {key: (overall[key] or {}).get("mean") for key in ("speedup", "mat", "accept_rate", "tokens_per_s",

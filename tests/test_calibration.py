@@ -42,7 +42,7 @@ def test_calibrate_records_the_temperature_and_loading_applies_it(tiny_llama_dir
 
     _, _, artifact = exported_artifact(tiny_llama_dir, tmp_path)
     assert load_artifact(artifact).confidence_temperature == 1.0
-    record = calibrate(str(artifact), str(DOLLY_FIXTURE), max_rows=8, use_chat_template=False, threads=1)
+    record = calibrate(str(artifact), str(DOLLY_FIXTURE), max_rows=8, format="instruction", threads=1)
     assert record["positions"] > 20 and record["temperature"] > 0
     assert record["nll_after"] <= record["nll_before"]
     manifest = json.loads((artifact / "kangaroo.json").read_text())

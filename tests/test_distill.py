@@ -20,7 +20,7 @@ def test_rows_are_dolly_rows_with_the_models_own_greedy_answer(tmp_path, tiny_ll
 
     out = tmp_path / "distilled.jsonl"
     assert distill(str(tiny_llama_dir), str(ROWS), str(out), max_new_tokens=12, batch_size=1, max_rows=3,
-                   use_chat_template=False) == 3
+                   format="instruction") == 3
     assert len(load_file_rows(out, "dolly", "error")) == 3  # parses as Dolly rows
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source_row"] for r in rows] == [0, 1, 2]  # source order (generated longest prompt first)
@@ -40,7 +40,7 @@ def test_rows_are_dolly_rows_with_the_models_own_greedy_answer(tmp_path, tiny_ll
 
 
 def test_interrupted_run_resumes_to_the_same_rows(tmp_path, tiny_llama_dir, one_thread):
-    kw = dict(max_new_tokens=8, batch_size=2, max_rows=5, use_chat_template=False, temperature=0.9,
+    kw = dict(max_new_tokens=8, batch_size=2, max_rows=5, format="instruction", temperature=0.9,
               samples_per_row=2, seed=3)
     straight = tmp_path / "straight.jsonl"
     distill(str(tiny_llama_dir), str(ROWS), str(straight), **kw)

@@ -1,7 +1,7 @@
 """``kangaroo-lit specbench``: Spec-Bench (DESIGN §4) for the self-speculative draft and its peers.
 
     kangaroo-lit specbench --limit 1 --max_new_tokens 24                  # the embedded model, untrained exit
-    kangaroo-lit specbench --artifact runs/tiny/artifact --template instruction --limit 10 --max_new_tokens 128
+    kangaroo-lit specbench --artifact runs/tiny/artifact --format instruction --limit 10 --max_new_tokens 128
     kangaroo-lit specbench --base_model lmsys/vicuna-7b-v1.3 --exit_layer 1 --dtype float16 --runs 3 \\
         --question_file data/spec_bench/question.jsonl --out_dir runs/specbench-vicuna
     kangaroo-lit specbench --config specbench.yaml --subtasks '[qa,rag]'  # a later flag wins
@@ -38,7 +38,7 @@ def specbench(
     artifact: str | None = None,
     base_model: str | None = None,
     exit_layer: int | None = None,
-    template: Literal["auto", "chat", "vicuna", "instruction"] = "auto",
+    format: Literal["auto", "chat", "vicuna", "instruction"] = "auto",
     subtasks: list[str] | None = None,
     limit: int | None = None,
     turns: int | None = None,
@@ -72,8 +72,9 @@ def specbench(
         base_model: HF name or local path. Without --artifact: the model, decoded with an untrained adapter at
             --exit_layer (default embedded:tiny-llama); with --artifact: overrides the base it records.
         exit_layer: exit layer L without --artifact (default 1; an artifact records its own).
-        template: auto (the tokenizer's chat template, else vicuna), chat, vicuna (Spec-Bench's Vicuna
-            template) or instruction (this project's training template, the embedded model's).
+        format: the prompt format (the same option as generate's and distill's): auto (the tokenizer's chat
+            template, else vicuna), chat, vicuna (Spec-Bench's Vicuna template) or instruction (this project's
+            training template, the embedded model's).
         subtasks: some of mt_bench, translation, summarization, qa, math_reasoning, rag (default all).
         limit: the first N questions of each subtask (default all 80).
         turns: answer only the first N turns of each question (MT-Bench has two; default all).
@@ -110,7 +111,7 @@ def specbench(
 
     return run_specbench(SpecBenchSettings(
         question_file=question_file, artifact=artifact, base_model=base_model, exit_layer=exit_layer,
-        template=template, subtasks=tuple(subtasks) if subtasks else None, limit=limit, turns=turns,
+        template=format, subtasks=tuple(subtasks) if subtasks else None, limit=limit, turns=turns,
         methods=tuple(methods) if methods else None, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, threshold=threshold, max_draft=max_draft,
         pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, prompt_lookup=prompt_lookup,

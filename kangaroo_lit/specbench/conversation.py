@@ -55,10 +55,10 @@ def resolve_template(template: Template, tokenizer) -> str:
     if template == "auto":
         return "chat" if has_chat_template(tokenizer) else "vicuna"
     if template == "chat" and not has_chat_template(tokenizer):
-        raise ConfigError("--template chat: this model's tokenizer has no chat template; use --template vicuna "
+        raise ConfigError("--format chat: this model's tokenizer has no chat template; use --format vicuna "
                           "(Spec-Bench's Vicuna template) or instruction (this project's training template)")
     if template not in ("chat", "vicuna", "instruction"):
-        raise ConfigError(f"--template must be auto, chat, vicuna or instruction, got {template!r}")
+        raise ConfigError(f"--format must be auto, chat, vicuna or instruction, got {template!r}")
     return template
 
 
