@@ -49,24 +49,38 @@ def finished_pairs(out_path: Path) -> set[tuple[int, int]]:
     return done
 
 
+def stop_token_ids(tokenizer, model) -> set[int]:
+    """The tokenizer's EOS and every end token of the model's generation config (chat models often have
+    an end-of-turn token beside EOS), as HF ``generate`` stops at."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {int(i) for i in ids if i is not None}
+
+
 def answer_batch(model, tokenizer, prompts: list[str], add_special_tokens: bool, max_new_tokens: int,
-                 temperature: float, top_p: float, seed: int) -> list[tuple[str, int]]:
+                 temperature: float, top_p: float, seed: int,
+                 stop_ids: set[int] | None = None) -> list[tuple[str, int]]:
     """Generate one answer per prompt in one left-padded batch (finished rows leave the batch early).
 
+    Args:
+        stop_ids: the ids that end an answer (default: :func:`stop_token_ids`).
+
     Returns:
-        ``(text, new_tokens)`` per prompt: the answer up to (not including) the first EOS.
+        ``(text, new_tokens)`` per prompt: the answer up to (not including) the first stop id.
     """
     from kangaroo_lit.data.batch_generate import generate_batch
 
+    stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(seed)
-    rows = generate_batch(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, {eos}, temperature,
+    rows = generate_batch(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop_ids, temperature,
                           top_p, generator)
     answers = []
     for row in rows:
-        if eos in row:
-            row = row[: row.index(eos)]
+        ends = [i for i, tok in enumerate(row) if tok in stop_ids]
+        if ends:
+            row = row[: ends[0]]
         answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), len(row)))
     return answers
 
@@ -181,6 +195,9 @@ def distill(
 REQUESTS_FILE = "requests.jsonl"
 ANSWERS_FILE = "answers.jsonl"
 MANIFEST_FILE = "manifest.json"
+# Rounds in a row without one kept request after which self_instruct gives up (the model, or the settings,
+# do not produce usable requests: better a clear error than a loop that never ends).
+MAX_BARREN_ROUNDS = 20
 # Settings that change which requests are written or how they are answered: a resume must match them.
 _SELF_INSTRUCT_SETTINGS = ("base_model", "system", "categories", "temperature", "top_p", "batch_size",
                            "answer_max_new_tokens", "seed", "dtype")
@@ -217,6 +234,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (beside, then renamed)."""
+    import os
+
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -319,14 +345,15 @@ def self_instruct(
                 "seed": seed, "dtype": dtype}
     manifest = out / MANIFEST_FILE
     if manifest.exists():
-        before = json.loads(manifest.read_text())
+        try:
+            before = json.loads(manifest.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{manifest} is not a self_instruct manifest ({err}); fix or remove it") from None
         changed = [k for k in _SELF_INSTRUCT_SETTINGS if before.get(k) != settings[k]]
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
             raise ConfigError(f"{out} was written with other settings ({diff}); "
                               "use another out_dir or the same settings")
-    else:
-        manifest.write_text(json.dumps(settings, indent=2) + "\n")
 
     path = resolve_path(base_model)
     set_threads_for(path, threads)
@@ -335,16 +362,24 @@ def self_instruct(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_base_model(path, dtype)
+    if not manifest.exists():  # only once the model loads: a mistyped model name leaves nothing behind
+        _write_json(manifest, settings)
     encoder = RowEncoder(tokenizer, max_length=2**31 - 1, use_chat_template=True)
     add_special = not encoder.use_chat_template
+    stop_ids = stop_token_ids(tokenizer, model)
 
-    # Resume: complete rounds only (a round's candidates are appended in one write, but be safe).
+    # Resume: complete rounds only (a round's candidates are appended in one write, but be safe); the
+    # next round is the first one not complete, redone from its own seed.
     requests = _restore(out, REQUESTS_FILE)
     per_round = Counter(r["id"] // batch_size for r in requests)
     requests = [r for r in requests if per_round[r["id"] // batch_size] == batch_size]
     _write_jsonl(out / REQUESTS_FILE, requests)
-    answers = _restore(out, ANSWERS_FILE)
-    answered = {a["source_row"] for a in answers}
+    # The working copy also holds the requests answered with nothing (response ""), so that a resume does
+    # not answer them again; the snapshot (the training file) leaves them out.
+    rows = _restore(out, ANSWERS_FILE)
+    answers = [a for a in rows if a["response"]]
+    empty = [a for a in rows if not a["response"]]
+    answered = {a["source_row"] for a in rows}
     index = DuplicateIndex(duplicate_threshold)
     pending = []
     for r in requests:
@@ -352,7 +387,8 @@ def self_instruct(
             index.add(r["instruction"])
             if r["id"] not in answered:
                 pending.append(r)
-    next_round = max(per_round, default=-1) + 1 if requests else 0
+    next_round = max((r["id"] // batch_size for r in requests), default=-1) + 1
+    barren_rounds = 0  # rounds in a row that kept no request
     reasons = Counter(r["status"] for r in requests)
     written = 0
     generator = {"base_model": base_model, "temperature": 0.0, "max_new_tokens": answer_max_new_tokens,
@@ -364,12 +400,13 @@ def self_instruct(
         _write_jsonl(out / (ANSWERS_FILE + ".gz"), answers)
         kept = [r for r in requests if r["status"] == "kept"]
         elapsed = time.perf_counter() - start_time
-        stats = {"answers": len(answers), "candidates": len(requests), "status": dict(sorted(reasons.items())),
+        stats = {"answers": len(answers), "empty_answers": len(empty), "candidates": len(requests),
+                 "status": dict(sorted(reasons.items())),
                  "requests": diversity([r["instruction"] for r in kept], [r["category"] for r in kept]),
                  "answer_tokens": sum(a["new_tokens"] for a in answers),
                  "this_run": {"seconds": round(elapsed, 1), "answers": written,
                               "answer_tokens_per_s": round(new_tokens / elapsed, 2) if elapsed else None}}
-        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        _write_json(out / "stats.json", stats)
 
     last_snapshot = len(answers)
     with (out / REQUESTS_FILE).open("a") as req_file, (out / ANSWERS_FILE).open("a") as ans_file, \
@@ -403,24 +440,32 @@ def self_instruct(
                 req_file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
                 req_file.flush()
                 next_round += 1
+                barren_rounds = 0 if any(r["status"] == "kept" for r in lines) else barren_rounds + 1
+                if barren_rounds >= MAX_BARREN_ROUNDS:
+                    counts = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+                    raise ConfigError(f"{MAX_BARREN_ROUNDS} rounds in a row kept no request ({counts}); the model "
+                                      "does not write usable requests with these settings (a chat model, other "
+                                      "--categories or --temperature)")
                 bar.set_postfix(kept=f"{reasons['kept']}/{len(requests)}", round=next_round)
                 continue
             batch = pending[: min(batch_size, count - len(answers))]
             pending = pending[len(batch):]
             prompts = [encoder.render({"instruction": r["instruction"], "context": "", "response": ""})[0]
                        for r in batch]
-            replies = answer_batch(model, tokenizer, prompts, add_special, answer_max_new_tokens, 0.0, 1.0, seed)
+            replies = answer_batch(model, tokenizer, prompts, add_special, answer_max_new_tokens, 0.0, 1.0, seed,
+                                   stop_ids)
             rows = []
             for r, (text, n_new) in zip(batch, replies):
-                if not text:
-                    continue  # an empty answer teaches nothing (the row validator would refuse it too)
                 rows.append({"instruction": r["instruction"], "context": "", "response": text,
                              "category": r["category"], "source_row": r["id"], "sample": 0, "new_tokens": n_new,
                              "hit_max_new_tokens": n_new >= answer_max_new_tokens, "generator": generator})
                 new_tokens += n_new
-            answers.extend(rows)
             ans_file.write("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in rows))
             ans_file.flush()
+            # An empty answer teaches nothing (the row validator would refuse it too): kept apart.
+            empty.extend(a for a in rows if not a["response"])
+            rows = [a for a in rows if a["response"]]
+            answers.extend(rows)
             written += len(rows)
             bar.update(len(rows))
             elapsed = time.perf_counter() - start_time

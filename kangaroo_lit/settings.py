@@ -61,9 +61,9 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.rank < 0:
-            raise ValueError(f"lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+            raise ConfigError(f"lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
         if self.scope not in ("draft", "shared"):
-            raise ValueError(f"lora.scope must be 'draft' or 'shared', got {self.scope!r}")
+            raise ConfigError(f"lora.scope must be 'draft' or 'shared', got {self.scope!r}")
 
 __all__ = [
     "DecodingSettings",

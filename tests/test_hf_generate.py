@@ -178,3 +178,14 @@ def test_sampling_through_generate_is_exact():
     assert drafted > accepted > 0
     tv = total_variation(counts, exact)
     assert tv < SAMPLING_TV_BOUND, f"TV {tv:.3f} between generate(custom_generate=...) sampling and the model"
+
+
+def test_the_shipped_drafts_custom_generate_is_the_one_export_writes():
+    """drafts/*/custom_generate/generate.py is written by export; a shipped copy must not drift from it."""
+    from kangaroo_lit.hf.artifact_generate import GENERATE_PY
+    from tests.conftest import REPO_ROOT
+
+    shipped = sorted((REPO_ROOT / "drafts").glob("*/custom_generate/generate.py"))
+    assert shipped
+    for path in shipped:
+        assert path.read_text() == GENERATE_PY, f"{path} differs from what export writes"

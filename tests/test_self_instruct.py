@@ -130,14 +130,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     stats = json.loads((whole / "stats.json").read_text())
     assert stats["answers"] == 10 and sum(stats["status"].values()) == len(requests)
 
-    # Interrupted: a partial run, then a torn last line in both files, and a round cut short.
+    # Interrupted: a partial run of several rounds, then a torn last line in both files, and its last
+    # round cut short (redone from its own seed, not skipped).
     part = tmp_path / "part"
-    self_instruct(out_dir=str(part), count=3, **ARGS)
+    self_instruct(out_dir=str(part), count=6, **ARGS)
+    assert len(read(part / "requests.jsonl")) >= 2 * ARGS["batch_size"]
     with (part / "answers.jsonl").open("a") as f:
         f.write('{"instruction": "torn')
     lines = (part / "requests.jsonl").read_text().splitlines(keepends=True)
     (part / "requests.jsonl").write_text("".join(lines[:-1]) + '{"id": 9')
-    assert self_instruct(out_dir=str(part), count=10, **ARGS) == 7
+    assert self_instruct(out_dir=str(part), count=10, **ARGS) == 4
     assert read(part / "answers.jsonl") == answers
     assert read(part / "requests.jsonl")[: len(requests)] == requests
 
@@ -159,6 +161,22 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert main_self_instruct(["--base_model", "embedded:tiny-llama", "--out_dir", str(tmp_path), "--count", "2",
                                "--batch_size", "8", "--threads", "1"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_a_model_that_writes_no_usable_request_stops_with_an_error(tmp_path, monkeypatch):
+    from kangaroo_lit import distill
+
+    monkeypatch.setattr("kangaroo_lit.data.self_instruct.reject_reason", lambda *a, **k: "too_short")
+    with pytest.raises(ConfigError, match=f"{distill.MAX_BARREN_ROUNDS} rounds in a row kept no request"):
+        self_instruct(out_dir=str(tmp_path), count=2, **{**ARGS, "batch_size": 1})
+
+
+def test_a_failed_start_leaves_no_manifest(tmp_path):
+    from kangaroo_lit.errors import KangarooError
+
+    with pytest.raises((KangarooError, OSError)):
+        self_instruct(out_dir=str(tmp_path / "x"), count=2, **{**ARGS, "base_model": str(tmp_path / "no-model")})
+    assert not (tmp_path / "x" / "manifest.json").exists()
 
 
 def test_categories_never_name_spec_bench_questions():

@@ -624,7 +624,10 @@ def run_stage_in_subprocess(name: str, paths: RunPaths, timeout: float, dry_run:
                "--run_dir", str(paths.run), *(["--dry-run"] if dry_run else [])]
     code, pgid = run_in_group(command, paths.log, timeout)
     if result_file.is_file():
-        entry = json.loads(result_file.read_text())
+        try:
+            entry = json.loads(result_file.read_text())
+        except ValueError:  # written atomically, so only a foreign or damaged file: a failed stage
+            entry = {"status": "failed", "error": f"the stage's result file {result_file.name} is not JSON"}
     elif code is None:
         entry = {"status": "timeout", "error": f"killed (its whole process group) after {timeout:.0f} s"}
     else:
@@ -841,7 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         entry = run_stage(args.stage, paths, args.dry_run)
         path = paths.run / "stages" / f"{args.stage}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(entry, default=str) + "\n")
+        # Beside, then renamed: a timeout's SIGTERM during the write must not leave half a file to parse.
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(entry, default=str) + "\n")
+        os.replace(tmp, path)
         return 0 if entry["status"] == "ok" else 1
     report = run_suite(args.out, dry_run=args.dry_run, stages=tuple(args.only or STAGES), budget_s=args.budget_s,
                        work_dir=args.work_dir, revision=args.revision, isolate=True if args.isolate else None)

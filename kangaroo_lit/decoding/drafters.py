@@ -93,7 +93,13 @@ def empty_proposal(state: DecodingState) -> Proposal:
 
 
 class Drafter(ABC):
-    """Proposes the draft tokens of a round; see the module docstring."""
+    """Proposes the draft tokens of a round; see the module docstring.
+
+    ``uses_draft_path``: whether it ever runs the draft path (shallow layers + adapter). One that never
+    does (prompt lookup alone) lets the decoder keep no pending positions for it.
+    """
+
+    uses_draft_path: bool = True
 
     @abstractmethod
     def propose(self, model, state: DecodingState, budget: int, sampling: SamplingConfig,
@@ -223,6 +229,8 @@ class LookupDrafter(Drafter):
         max_tokens: most tokens copied per round (>= 1).
         ngram: ``(min, max)`` n-gram sizes matched; the longest match wins.
     """
+
+    uses_draft_path = False
 
     def __init__(self, max_tokens: int, ngram: tuple[int, int] = (2, 3)):
         if max_tokens < 1:

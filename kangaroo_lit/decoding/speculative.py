@@ -327,6 +327,11 @@ class SelfSpeculativeDecoder:
             crop_layers(state.caches["draft_shallow"], self._shallow_layers, keep)
         else:
             crop_layers(state.caches["verify_shallow"], self._shallow_layers, keep)
+        if not self.drafter.uses_draft_path:
+            # Nothing will ever take pending positions in: keeping them would only grow with the output.
+            state.pending_ids, state.pending_hidden = state.committed[:, :0], verify_hidden[:, :0]
+            return
+        if not model.shallow_is_shared:
             seen = min(cache_length(state.caches["draft_shallow"], 0), keep)
             crop_layers(state.caches["draft_shallow"], self._shallow_layers, seen)
             state.pending_ids = state.committed[:, seen:keep]
