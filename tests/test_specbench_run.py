@@ -86,8 +86,6 @@ def test_answer_files_have_every_field_spec_bench_reads(float64_run):
                 assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
             else:  # HF generate reports no per-pass accept lengths
                 assert choice["accept_lengths"] == []
-            # what speed.py computes of every line
-            assert sum(choice["new_tokens"]) / sum(choice["wall_time"]) > 0
         assert records[2]["choices"][0]["prompt_cut"][0] > 0  # the long rag question
         assert records[2]["choices"][0]["prompt_tokens"][0] == 320 - 8
     for name in ("summary.json", "summary.md", "summary.png", "specbench.json"):
@@ -235,9 +233,3 @@ def test_print_config_round_trips_through_the_dispatcher(tmp_path, capsys):
         kangaroo_lit(["specbench", "--help"])
     out = capsys.readouterr().out
     assert all(f"--{name}" in out for name in cfg)
-
-
-def test_registered_as_a_subcommand():
-    from kangaroo_lit.cli import OWN_SUBCOMMANDS
-
-    assert OWN_SUBCOMMANDS["specbench"] == "kangaroo_lit.specbench.cli:main"

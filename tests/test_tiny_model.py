@@ -89,7 +89,6 @@ def test_build_script_quick_runs_end_to_end(tmp_path, monkeypatch):
         # The script turns deterministic algorithms on for its own run; don't leak that into other tests.
         torch.use_deterministic_algorithms(False)
     assert metrics["quick"] and metrics["train"]["final_loss"] < metrics["train"]["first_loss"]
-    assert 0.0 <= metrics["eval"]["exact_match"] <= 1.0
     assert _rows(tmp_path / "tiny-instruct.jsonl") == _rows(TRAIN)  # same seed, same data
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-llama", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny-llama")
