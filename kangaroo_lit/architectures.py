@@ -185,3 +185,14 @@ def layer_attention_types(config: PretrainedConfig) -> list[str]:
     if getattr(config, "sliding_window", None):
         return ["sliding_attention"] * n
     return ["full_attention"] * n
+
+
+def stop_token_ids(tokenizer, lm) -> list[int]:
+    """The ids that end a generation, as HF ``generate`` stops at them: the tokenizer's EOS, then every end
+    token of the HF model ``lm``'s generation config (chat models often add an end-of-turn token)."""
+    configured = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    found: list[int] = []
+    for tok in [tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])]:
+        if tok is not None and int(tok) not in found:
+            found.append(int(tok))
+    return found

@@ -49,29 +49,21 @@ def finished_pairs(out_path: Path) -> set[tuple[int, int]]:
     return done
 
 
-def stop_token_ids(tokenizer, model) -> set[int]:
-    """The tokenizer's EOS and every end token of the model's generation config (chat models often have
-    an end-of-turn token beside EOS), as HF ``generate`` stops at."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return {int(i) for i in ids if i is not None}
-
-
 def answer_batch(model, tokenizer, prompts: list[str], add_special_tokens: bool, max_new_tokens: int,
                  temperature: float, top_p: float, seed: int,
                  stop_ids: set[int] | None = None) -> list[tuple[str, int]]:
     """Generate one answer per prompt in one left-padded batch (finished rows leave the batch early).
 
     Args:
-        stop_ids: the ids that end an answer (default: :func:`stop_token_ids`).
+        stop_ids: the ids that end an answer (default: :func:`~kangaroo_lit.architectures.stop_token_ids`).
 
     Returns:
         ``(text, new_tokens)`` per prompt: the answer up to (not including) the first stop id.
     """
+    from kangaroo_lit.architectures import stop_token_ids
     from kangaroo_lit.data.batch_generate import generate_batch
 
-    stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
+    stop_ids = set(stop_token_ids(tokenizer, model)) if stop_ids is None else stop_ids
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     generator = torch.Generator().manual_seed(seed)
     rows = generate_batch(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop_ids, temperature,
@@ -316,7 +308,7 @@ def self_instruct(
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from kangaroo_lit.architectures import load_base_model
+    from kangaroo_lit.architectures import load_base_model, stop_token_ids
     from kangaroo_lit.data.self_instruct import (
         CATEGORIES,
         DEFAULT_SYSTEM,
@@ -366,7 +358,7 @@ def self_instruct(
         _write_json(manifest, settings)
     encoder = RowEncoder(tokenizer, max_length=2**31 - 1, use_chat_template=True)
     add_special = not encoder.use_chat_template
-    stop_ids = stop_token_ids(tokenizer, model)
+    stop_ids = set(stop_token_ids(tokenizer, model))
 
     # Resume: complete rounds only (a round's candidates are appended in one write, but be safe); the
     # next round is the first one not complete, redone from its own seed.

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kangaroo_lit.architectures import stop_token_ids
 from kangaroo_lit.bench.common import machine_info, print_table, resolve_device, rotated, torch_threads, write_outputs
 from kangaroo_lit.cli_scaffold import kernel_linears
 from kangaroo_lit.decoding.sampling import SamplingConfig
@@ -175,16 +176,6 @@ def load_model(draft: Draft, dtype: str, device: torch.device):
     loaded = load_for_decoding(artifact=draft.artifact, base_model=draft.base_model,
                                exit_layer=None if draft.artifact else draft.exit_layer, dtype=dtype, device=device)
     return loaded.model, loaded.tokenizer
-
-
-def stop_tokens(tokenizer, model) -> list[int]:
-    """The tokenizer's EOS and the generation config's (chat models often add an end-of-turn token)."""
-    found: list[int] = []
-    config_eos = getattr(model.causal_lm.generation_config, "eos_token_id", None)
-    for tok in [tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])]:
-        if tok is not None and int(tok) not in found:
-            found.append(int(tok))
-    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +354,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
         renderer = PromptRenderer(tokenizer, s.template, getattr(model.config, "max_position_embeddings", None),
                                   s.max_new_tokens)
         prepare_out_dir(out_dir, settings, s.overwrite)
-        eos = stop_tokens(tokenizer, model)
+        eos = stop_token_ids(tokenizer, model.causal_lm)
         methods = build_methods(model, eos, names, trained=draft.artifact is not None, threshold=draft.threshold,
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
                                 pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup,
