@@ -54,10 +54,16 @@ class GenerateOptions:
         max_draft: most drafts per round (Kangaroo: 6); >= 1.
         prompt_lookup: most tokens a round copies from an earlier occurrence of the context's last n-gram
             (prompt lookup; 0 = off: the adapter drafts every round).
-        drafter: adapter (the trained draft; with --prompt_lookup, lookup where it matches) or lookup (prompt
-            lookup alone, no draft: a round without a match is a plain step).
+        drafter: adapter (the trained draft, a chain; with --prompt_lookup, lookup where it matches), tree (the
+            trained draft, a tree of candidates sized by the cost model; with --prompt_lookup, likewise) or lookup
+            (prompt lookup alone, no draft: a round without a match is a plain step).
         skip_below: a round whose first draft's confidence is below this verifies no draft (a plain step); in
             [0, 1], 0 = off (break-even is about v_2 - 1 of bench cost_model).
+        tree_width: --drafter tree: candidates per expanded node and nodes expanded per level (>= 1).
+        tree_nodes: --drafter tree: most nodes verified a round (>= 1; the cost model picks how many).
+        tree_depth: --drafter tree: most levels below the last committed token (>= 1).
+        cost_model: --drafter tree: a ``bench cost_model`` JSON report (decode_cost_*.json) of this device to
+            size trees by (default: the built-in table for the device and --kernel).
         kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (a CPU float32 kernel
             that verifies several tokens for about the price of one; compiled on first use).
         compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
@@ -82,8 +88,12 @@ class GenerateOptions:
     threshold: float = 0.6
     max_draft: int = 6
     prompt_lookup: int = 0
-    drafter: Literal["adapter", "lookup"] = "adapter"
+    drafter: Literal["adapter", "tree", "lookup"] = "adapter"
     skip_below: float = 0.0
+    tree_width: int = 4
+    tree_nodes: int = 7
+    tree_depth: int = 6
+    cost_model: str | None = None
     kernel: Literal["eager", "streaming"] = "eager"
     compare_vanilla: bool = False
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -110,8 +120,9 @@ class GenerateOptions:
         return DecodingSettings.for_options(
             "--", max_new_tokens=self.max_new_tokens, threshold=self.threshold, max_draft=self.max_draft,
             prompt_lookup=self.prompt_lookup, drafter=self.drafter, skip_below=self.skip_below,
-            temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, kernel=self.kernel)
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
+            tree_width=self.tree_width, tree_nodes=self.tree_nodes, tree_depth=self.tree_depth,
+            cost_model=self.cost_model)
 
     def _check_device(self) -> None:
         if self.device == "auto":
@@ -210,7 +221,8 @@ def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, strea
         sys.stdout.flush()
         printed["text"] = full
 
-    decoder = SelfSpeculativeDecoder(model, drafter=opts.decoding.make_drafter(), on_round=on_round if stream else None)
+    decoder = SelfSpeculativeDecoder(model, drafter=opts.decoding.make_drafter(model),
+                                     on_round=on_round if stream else None)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     result = decoder.generate(ids, opts.max_new_tokens, eos, generator=gen, **sampling)
     out: dict[str, Any] = {

@@ -190,6 +190,8 @@ MANIFEST_FILE = "manifest.json"
 # Rounds in a row without one kept request after which self_instruct gives up (the model, or the settings,
 # do not produce usable requests: better a clear error than a loop that never ends).
 MAX_BARREN_ROUNDS = 20
+# Requests pooled before answering (in batches): the shortest are answered together (less padding).
+ANSWER_POOL_BATCHES = 4
 # Settings that change which requests are written or how they are answered: a resume must match them.
 _SELF_INSTRUCT_SETTINGS = ("base_model", "system", "categories", "temperature", "top_p", "batch_size",
                            "answer_max_new_tokens", "seed", "dtype")
@@ -405,7 +407,10 @@ def self_instruct(
             tqdm(total=count, initial=min(len(answers), count), desc="self-instruct", unit="answer",
                  file=sys.stderr) as bar:
         while len(answers) < count:
-            if len(pending) < batch_size and len(answers) + len(pending) < count:
+            # Keep a pool of several batches of requests and answer the shortest together: a batch is
+            # left-padded to its longest prompt, and padding cost most of the time when one round's
+            # prompts (86 tokens on average, up to 280) shared a batch.
+            if len(pending) < ANSWER_POOL_BATCHES * batch_size and len(answers) + len(pending) < count:
                 category = CATEGORIES[categories[next_round % len(categories)]]
                 rng = random.Random(seed * 1_000_003 + next_round)
                 hint = f"{system} {category.hint}".strip()
@@ -440,6 +445,7 @@ def self_instruct(
                                       "--categories or --temperature)")
                 bar.set_postfix(kept=f"{reasons['kept']}/{len(requests)}", round=next_round)
                 continue
+            pending.sort(key=lambda r: len(r["instruction"]))
             batch = pending[: min(batch_size, count - len(answers))]
             pending = pending[len(batch):]
             prompts = [encoder.render({"instruction": r["instruction"], "context": "", "response": ""})[0]

@@ -108,7 +108,7 @@ class Draft:
 
     def decoder(self, on_round: Callable[[RoundInfo], None] | None = None) -> SelfSpeculativeDecoder:
         """A :class:`SelfSpeculativeDecoder` with this draft's drafter settings (run it in :meth:`decoding_mode`)."""
-        return SelfSpeculativeDecoder(self.model, drafter=self.decoding.make_drafter(), on_round=on_round)
+        return SelfSpeculativeDecoder(self.model, drafter=self.decoding.make_drafter(self.model), on_round=on_round)
 
     def generate(
         self,

@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache
 from kangaroo_lit.adapter import KangarooAdapter
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
 from kangaroo_lit.draft_vocab import check_draft_vocab
-from kangaroo_lit.masks import causal_attention_mask, check_right_padding
+from kangaroo_lit.masks import TreeMask, causal_attention_mask, check_right_padding
 from kangaroo_lit.settings import ExitHeadMode, LoraScope, LoraSettings
 
 # HF attention backends that take the 4-D additive masks of :func:`causal_attention_mask`. (Flash
@@ -311,8 +311,12 @@ class KangarooModel(nn.Module):
         padding_mask: torch.Tensor | None,
         dtype: torch.dtype,
         device: torch.device,
+        tree: TreeMask | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Additive masks per attention type (the decoder layers' and the adapter's).
+
+        With ``tree``, the new tokens are the nodes of a draft tree: its explicit mask (sliding windows
+        by position) replaces the causal one; it must cover exactly the past and the new keys.
 
         None is returned only where it means exactly the causal mask: HF's SDPA attention turns a None
         mask with more than one query into ``is_causal=True`` (which keeps SDPA's fused causal kernels),
@@ -323,6 +327,16 @@ class KangarooModel(nn.Module):
         """
         kv_length = past_length + query_length
         window = getattr(self.config, "sliding_window", None)
+        if tree is not None:
+            if padding_mask is not None:
+                raise ValueError("a tree pass takes no padding mask (batch size 1)")
+            if tuple(tree.allowed.shape) != (query_length, kv_length):
+                raise ValueError(f"tree mask of shape {tuple(tree.allowed.shape)} for {query_length} new tokens "
+                                 f"after {past_length} cached ones")
+            return {
+                layer_type: tree.additive(dtype, window if layer_type == "sliding_attention" else None)
+                for layer_type in set(self._layer_types) | {self.adapter.layer_type}
+            }
         sdpa_only = self.config._attn_implementation == "sdpa" and self.adapter.config._attn_implementation == "sdpa"
         plain_causal = (
             sdpa_only
@@ -349,6 +363,7 @@ class KangarooModel(nn.Module):
         position_ids: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        tree: TreeMask | None = None,
     ) -> torch.Tensor:
         """Run decoder layers ``start..stop-1`` (with LoRA as currently enabled).
 
@@ -358,6 +373,7 @@ class KangarooModel(nn.Module):
             padding_mask: (B, T_past + T), 1 = real token; None = no padding.
             cache: a cache whose entries ``start..stop-1`` hold the past keys/values of those layers;
                 updated in place. Its length at layer ``start`` is taken as the past length.
+            tree: the new tokens are draft-tree nodes attending as this says (B = 1; see :class:`TreeMask`).
 
         Returns:
             (B, T, d) output of layer ``stop - 1``.
@@ -367,7 +383,7 @@ class KangarooModel(nn.Module):
         past_length = 0
         if cache is not None and len(cache.layers) > start:
             past_length = cache.layers[start].get_seq_length()
-        masks = self._masks(hidden.shape[1], past_length, padding_mask, hidden.dtype, hidden.device)
+        masks = self._masks(hidden.shape[1], past_length, padding_mask, hidden.dtype, hidden.device, tree)
         position_embeddings = self.rotary(hidden, position_ids)
         for idx in range(start, stop):
             out = self.layers[idx](
@@ -388,6 +404,7 @@ class KangarooModel(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         draft: bool = True,
+        tree: TreeMask | None = None,
     ) -> torch.Tensor:
         """Layers ``0..L``: with LoRA for the draft path, without it for the full path of scope "draft".
 
@@ -395,7 +412,7 @@ class KangarooModel(nn.Module):
         """
         use_lora = draft or self.lora_scope == "shared"
         with self.lora_enabled(use_lora):
-            return self.run_layers(hidden, 0, self.exit_layer + 1, position_ids, padding_mask, cache)
+            return self.run_layers(hidden, 0, self.exit_layer + 1, position_ids, padding_mask, cache, tree)
 
     def deep_logits(
         self,
@@ -403,9 +420,11 @@ class KangarooModel(nn.Module):
         position_ids: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        tree: TreeMask | None = None,
     ) -> torch.Tensor:
         """Layers ``L+1..N-1`` -> final norm -> ``lm_head``: (B, T, d) -> (B, T, V) logits."""
-        h = self.run_layers(shallow_hidden, self.exit_layer + 1, self.num_layers, position_ids, padding_mask, cache)
+        h = self.run_layers(shallow_hidden, self.exit_layer + 1, self.num_layers, position_ids, padding_mask, cache,
+                            tree)
         return self.causal_lm.lm_head(self.causal_lm.model.norm(h))
 
     def draft_logits(
@@ -414,6 +433,7 @@ class KangarooModel(nn.Module):
         position_ids: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        tree: TreeMask | None = None,
     ) -> torch.Tensor:
         """Adapter -> exit head: (B, T, d) shallow hidden states -> (B, T, V) draft logits.
 
@@ -421,7 +441,7 @@ class KangarooModel(nn.Module):
         (:meth:`draft_token_ids` maps an argmax, :meth:`scatter_draft` widens to V). ``cache`` is the
         adapter's own one-layer cache.
         """
-        return self.exit_head(self.adapter_hidden(shallow_hidden, position_ids, padding_mask, cache))
+        return self.exit_head(self.adapter_hidden(shallow_hidden, position_ids, padding_mask, cache, tree))
 
     def adapter_hidden(
         self,
@@ -429,6 +449,7 @@ class KangarooModel(nn.Module):
         position_ids: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        tree: TreeMask | None = None,
     ) -> torch.Tensor:
         """The adapter alone: (B, T, d) shallow hidden states -> (B, T, d) exit-head inputs.
 
@@ -437,7 +458,7 @@ class KangarooModel(nn.Module):
         """
         past_length = cache.get_seq_length() if cache is not None else 0
         mask = self._masks(
-            shallow_hidden.shape[1], past_length, padding_mask, shallow_hidden.dtype, shallow_hidden.device
+            shallow_hidden.shape[1], past_length, padding_mask, shallow_hidden.dtype, shallow_hidden.device, tree
         )[self.adapter.layer_type]
         return self.adapter(shallow_hidden, self.rotary(shallow_hidden, position_ids), mask, cache)
 

@@ -177,7 +177,7 @@ KERNEL_MAX_ROWS = 8
 KERNELS = ("eager", "streaming")
 # Where drafts come from (kangaroo_lit.decoding.drafters): the trained adapter (with prompt lookup where it
 # matches, when prompt_lookup > 0), or prompt lookup alone.
-DRAFTER_KINDS = ("adapter", "lookup")
+DRAFTER_KINDS = ("adapter", "lookup", "tree")
 
 
 @dataclass(frozen=True)
@@ -191,8 +191,10 @@ class DecodingSettings:
         max_draft: most tokens drafted per round by the adapter (Kangaroo: 6); >= 1.
         prompt_lookup: most tokens a round copies from an earlier occurrence of the context's last n-gram
             (prompt lookup; 0 = off); >= 0.
-        drafter: ``adapter`` (the trained draft; with ``prompt_lookup`` > 0, lookup where it matches) or
-            ``lookup`` (prompt lookup alone: a round without a match is a plain step).
+        drafter: ``adapter`` (the trained draft, a chain; with ``prompt_lookup`` > 0, lookup where it
+            matches), ``tree`` (the trained draft, a tree of candidates sized by the cost model; with
+            ``prompt_lookup`` > 0, lookup where it matches) or ``lookup`` (prompt lookup alone: a round
+            without a match is a plain step).
         temperature: 0 = greedy, else lossless speculative sampling at this temperature (>= 0).
         top_p: nucleus sampling mass, in (0, 1] (1 = off).
         top_k: top-k sampling, >= 0 (0 = off).
@@ -202,6 +204,11 @@ class DecodingSettings:
             plain step: the wider verification pass is saved); in [0, 1], 0 = off. Break-even is about
             ``v_2 - 1`` of ``bench cost_model``; with a calibrated draft (``kangaroo-lit calibrate``) the
             confidence is an acceptance probability.
+        tree_width: ``tree`` drafter: candidates per expanded node and nodes expanded per level (>= 1).
+        tree_nodes: ``tree`` drafter: most nodes verified a round (>= 1; the cost model picks how many).
+        tree_depth: ``tree`` drafter: most levels below the last committed token (>= 1).
+        cost_model: ``tree`` drafter: a ``bench cost_model`` JSON report (``decode_cost_*.json``) of the
+            device to size trees by; None = the built-in table for the device and kernel.
     """
 
     FREE_ON_RESUME: ClassVar[bool] = True  # a resumed training run may change how it decodes
@@ -210,12 +217,16 @@ class DecodingSettings:
     threshold: float = 0.6
     max_draft: int = 6
     prompt_lookup: int = 0
-    drafter: Literal["adapter", "lookup"] = "adapter"
+    drafter: Literal["adapter", "tree", "lookup"] = "adapter"
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     kernel: Literal["eager", "streaming"] = "eager"
     skip_below: float = 0.0
+    tree_width: int = 4
+    tree_nodes: int = 7
+    tree_depth: int = 6
+    cost_model: str | None = None
 
     def __post_init__(self) -> None:
         self.check("decoding.")
@@ -245,14 +256,19 @@ class DecodingSettings:
             raise bad("top_k", ">= 0 (0 = off)")
         if not 0 <= self.skip_below <= 1:
             raise bad("skip_below", "in [0, 1] (0 = off)")
+        for name in ("tree_width", "tree_nodes", "tree_depth"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
         if self.kernel not in KERNELS:
             raise bad("kernel", f"one of {', '.join(KERNELS)}")
         if self.kernel == "streaming":
-            rows = 1 + max(self.prompt_lookup, self.max_draft if self.drafter == "adapter" else 0)
+            drafted = {"adapter": self.max_draft, "tree": self.tree_nodes, "lookup": 0}[self.drafter]
+            rows = 1 + max(self.prompt_lookup, drafted)
             if rows > KERNEL_MAX_ROWS:
+                draft_option = "tree_nodes" if self.drafter == "tree" else "max_draft"
                 raise ConfigError(
                     f"{prefix}kernel streaming verifies at most {KERNEL_MAX_ROWS} tokens a pass, but "
-                    f"{prefix}max_draft {self.max_draft} / {prefix}prompt_lookup {self.prompt_lookup} make "
+                    f"{prefix}{draft_option} {drafted} / {prefix}prompt_lookup {self.prompt_lookup} make "
                     f"passes of {rows}; use at most {KERNEL_MAX_ROWS - 1} drafted or copied tokens")
 
     @classmethod
@@ -275,12 +291,26 @@ class DecodingSettings:
 
         return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
-    def make_drafter(self, prompt_lookup_ngram: tuple[int, int] = (2, 3)) -> Drafter:
-        """The drafter these settings describe."""
+    def make_drafter(self, model=None, prompt_lookup_ngram: tuple[int, int] = (2, 3)) -> Drafter:
+        """The drafter these settings describe for ``model`` (a tree drafter reads its device and exit layer)."""
         from kangaroo_lit.decoding.drafters import make_drafter
 
         return make_drafter(self.drafter, self.threshold, self.max_draft, self.prompt_lookup, prompt_lookup_ngram,
-                            skip_below=self.skip_below)
+                            skip_below=self.skip_below, tree_width=self.tree_width, tree_nodes=self.tree_nodes,
+                            tree_depth=self.tree_depth,
+                            cost=self.decode_cost(model) if self.drafter == "tree" else None)
+
+    def decode_cost(self, model=None):
+        """The :class:`~kangaroo_lit.decoding.cost.DecodeCost` trees are sized by: ``cost_model``'s report for
+        the model's exit layer, else the built-in table of the model's device (CPU without a model)."""
+        from kangaroo_lit.decoding.cost import DecodeCost, default_cost
+
+        if self.cost_model:
+            if model is None:
+                raise ValueError("a cost_model report is read for a model's exit layer: pass the model")
+            return DecodeCost.from_report(self.cost_model, model.exit_layer)
+        device = "cpu" if model is None else next(model.parameters()).device.type
+        return default_cost(device, self.kernel)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

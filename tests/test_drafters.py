@@ -84,8 +84,8 @@ def test_lookup_only_and_arbitrary_drafters_are_greedy_exact(arch_index, tiny_mo
 
 
 def test_make_drafter_refuses_inconsistent_settings():
-    with pytest.raises(ValueError, match="drafter must be one of adapter, lookup"):
-        make_drafter("tree")
+    with pytest.raises(ValueError, match="drafter must be one of adapter, lookup, tree"):
+        make_drafter("beam")
     with pytest.raises(ValueError, match="needs prompt_lookup >= 1"):
         make_drafter("lookup", prompt_lookup=0)
     with pytest.raises(ValueError, match="max_draft"):

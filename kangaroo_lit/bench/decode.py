@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -90,6 +90,11 @@ def decode(
     max_new_tokens: int = 128,
     thresholds: float | tuple[float, ...] = (0.0, 0.3, 0.6),
     max_draft: int = 6,
+    drafter: Literal["adapter", "tree"] = "adapter",
+    tree_width: int = 4,
+    tree_nodes: int = 7,
+    tree_depth: int = 6,
+    cost_model: str | None = None,
     dtype: DType = "float32",
     device: str = "auto",
     runs: int = 3,
@@ -113,6 +118,10 @@ def decode(
         max_new_tokens: most tokens generated per prompt (fewer at EOS, for every method alike).
         thresholds: draft-confidence thresholds, one table row each (per exit layer).
         max_draft: most drafts per round.
+        drafter: adapter (a chain of drafts) or tree (a tree of candidates sized by the cost model; the
+            thresholds do not apply to it).
+        tree_width, tree_nodes, tree_depth: the tree drafter's candidates per node, most nodes, most levels.
+        cost_model: a ``bench cost_model`` JSON report to size trees by (default: the built-in table).
         dtype: dtype of the whole model.
         device: torch device; auto = cuda when available, else cpu.
         runs: repeats of the whole comparison (mean and std over runs).
@@ -122,9 +131,11 @@ def decode(
             ``runs/bench/decode-<date>-<time>``; null: write no files.
     """
     config = dict(locals())
-    for threshold in as_list(thresholds):  # the project's one set of decoding rules
+    settings = [  # the project's one set of decoding rules, one per threshold
         DecodingSettings.for_options("--", max_new_tokens=max_new_tokens, threshold=float(threshold),
-                                     max_draft=max_draft)
+                                     max_draft=max_draft, drafter=drafter, tree_width=tree_width,
+                                     tree_nodes=tree_nodes, tree_depth=tree_depth, cost_model=cost_model)
+        for threshold in as_list(thresholds)]
     config["device"] = str(resolve_device(device))
     if prompts and stories_prompts:
         raise ConfigError("give --prompts or --stories_prompts, not both")
@@ -133,7 +144,9 @@ def decode(
         trained_on = artifact_training_data(artifact) if artifact else {}
         prompt_ids = load_prompt_ids(tokenizer, prompts, stories_prompts, prompt_tokens, num_prompts, trained_on)
         keys = [(layer, float(t)) for layer in models for t in as_list(thresholds)]
-        records = compare(models, keys, prompt_ids, tokenizer.eos_token_id, max_new_tokens, max_draft, runs, warmup)
+        by_threshold = {s.threshold: s for s in settings}
+        drafters = {key: by_threshold[key[1]].make_drafter(models[key[0]]) for key in keys}
+        records = compare(models, keys, prompt_ids, tokenizer.eos_token_id, max_new_tokens, drafters, runs, warmup)
         report = {
             "mode": "speed",
             "model": base,
@@ -242,18 +255,20 @@ def decode_record(result) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # The comparison
 def compare(models: dict[int, Any], keys: list[tuple[int, float]], prompts: list[torch.Tensor], eos: int | None,
-            max_new_tokens: int, max_draft: int, runs: int, warmup: int) -> list[dict[str, Any]]:
+            max_new_tokens: int, drafters: dict[tuple[int, float], Any], runs: int,
+            warmup: int) -> list[dict[str, Any]]:
     """Decode every prompt with every method, ``runs`` times: one record per (run, prompt, method).
 
-    Each (exit layer, threshold) in ``keys`` is its own speculative method; the vanilla loop and HF
-    ``generate`` run once per prompt, with the first model's verifier (the same in all of them).
+    Each (exit layer, threshold) in ``keys`` is its own speculative method, drafting with ``drafters[key]``;
+    the vanilla loop and HF ``generate`` run once per prompt, with the first model's verifier (the same in
+    all of them).
     """
     from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder, reference_model
 
     first = next(iter(models.values()))
     device = first.causal_lm.device
     prompts = [p.to(device) for p in prompts]
-    decoders = {key: SelfSpeculativeDecoder(models[key[0]], threshold=key[1], max_draft=max_draft) for key in keys}
+    decoders = {key: SelfSpeculativeDecoder(models[key[0]], drafter=drafters[key]) for key in keys}
     vanilla = VanillaDecoder(first)
     methods: list[Any] = ["vanilla", "generate", *keys]
 

@@ -67,8 +67,13 @@ class Proposal:
         shallow: (B, j, d) shallow states of the first ``j`` of ``x, d1..dk`` that drafting already wrote
             to the shared shallow cache (``x, d1..d_{k-1}``: verification runs the shallow layers on
             ``dk`` only; ``x`` alone for a draft not worth verifying), or None.
-        source: ``"adapter"``, ``"lookup"`` or ``"none"``.
+        source: ``"adapter"``, ``"lookup"``, ``"tree"`` or ``"none"``.
         draft_steps: draft-path forward calls made.
+        parents: None for a chain (each token follows the one before it). For a tree, per token the
+            index of its parent among ``tokens`` (-1: it follows ``x``), parents before children; the
+            children of one node carry distinct tokens. A tree's candidates are chosen, not sampled, so
+            it has no ``probs``, and ``shallow`` holds ``x``'s state at most (the nodes' draft-path states
+            are not kept: :class:`~kangaroo_lit.decoding.tree.TreeDrafter` rolls its caches back).
     """
 
     tokens: torch.Tensor
@@ -76,10 +81,15 @@ class Proposal:
     shallow: torch.Tensor | None = None
     source: str = "none"
     draft_steps: int = 0
+    parents: list[int] | None = None
 
     @property
     def size(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
 
 
 def positions(start: int, length: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -90,6 +100,37 @@ def positions(start: int, length: int, batch: int, device: torch.device) -> torc
 def empty_proposal(state: DecodingState) -> Proposal:
     """No draft: the round verifies ``x`` alone and commits the full model's next token."""
     return Proposal(tokens=state.committed[:, :0], probs=None)
+
+
+def draft_path_step(model, state: DecodingState, token: torch.Tensor,
+                    position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draft-path step for ``token`` at ``position``, with the pending positions before it.
+
+    Args:
+        token: (B, 1) id.
+        position: its absolute position.
+
+    Returns:
+        ``(hidden, logits)``: (B, 1, d) its draft-path shallow state and (B, V) the draft logits of
+        the token after it ((B, K) over ``model.draft_vocab`` with a restricted draft head).
+    """
+    batch = token.shape[0]
+    ids = torch.cat([state.pending_ids, token], dim=1)
+    shallow = model.shallow(
+        model.embed(ids),
+        positions(position - ids.shape[1] + 1, ids.shape[1], batch, token.device),
+        cache=state.caches["draft_shallow"],
+        draft=True,
+    )
+    adapter_in = torch.cat([state.pending_hidden, shallow], dim=1)
+    logits = model.draft_logits(
+        adapter_in,
+        positions(position - adapter_in.shape[1] + 1, adapter_in.shape[1], batch, token.device),
+        cache=state.caches["adapter"],
+    )[:, -1]
+    state.pending_ids = state.pending_ids[:, :0]
+    state.pending_hidden = state.pending_hidden[:, :0]
+    return shallow[:, -1:], logits
 
 
 class Drafter(ABC):
@@ -152,7 +193,7 @@ class AdapterDrafter(Drafter):
         shallow_states, drafts, draft_probs = [], [], []
         token = state.committed[:, -1:]
         for i in range(1, k_max + 1):
-            hidden, logits = self._step(model, state, token, x_pos + i - 1)
+            hidden, logits = draft_path_step(model, state, token, x_pos + i - 1)
             if self.draft_logits_fn is not None:
                 logits = self.draft_logits_fn(model.scatter_draft(logits, float("-inf")), x_pos + i)
                 draft, probs = choose(logits, sampling, generator)
@@ -186,36 +227,6 @@ class AdapterDrafter(Drafter):
             source="adapter",
             draft_steps=len(drafts),
         )
-
-    @staticmethod
-    def _step(model, state: DecodingState, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft-path step for ``token`` at ``position``, with the pending positions before it.
-
-        Args:
-            token: (B, 1) id.
-            position: its absolute position.
-
-        Returns:
-            ``(hidden, logits)``: (B, 1, d) its draft-path shallow state and (B, V) the draft logits of
-            the token after it ((B, K) over ``model.draft_vocab`` with a restricted draft head).
-        """
-        batch = token.shape[0]
-        ids = torch.cat([state.pending_ids, token], dim=1)
-        shallow = model.shallow(
-            model.embed(ids),
-            positions(position - ids.shape[1] + 1, ids.shape[1], batch, token.device),
-            cache=state.caches["draft_shallow"],
-            draft=True,
-        )
-        adapter_in = torch.cat([state.pending_hidden, shallow], dim=1)
-        logits = model.draft_logits(
-            adapter_in,
-            positions(position - adapter_in.shape[1] + 1, adapter_in.shape[1], batch, token.device),
-            cache=state.caches["adapter"],
-        )[:, -1]
-        state.pending_ids = state.pending_ids[:, :0]
-        state.pending_hidden = state.pending_hidden[:, :0]
-        return shallow[:, -1:], logits
 
 
 class LookupDrafter(Drafter):
@@ -266,15 +277,20 @@ class LookupThenAdapter(Drafter):
 
 def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int = 6, prompt_lookup: int = 0,
                  prompt_lookup_ngram: tuple[int, int] = (2, 3),
-                 draft_logits_fn: DraftLogitsFn | None = None, skip_below: float = 0.0) -> Drafter:
+                 draft_logits_fn: DraftLogitsFn | None = None, skip_below: float = 0.0, tree_width: int = 4,
+                 tree_nodes: int = 7, tree_depth: int = 6, cost=None) -> Drafter:
     """The drafter for a decoding configuration.
 
     Args:
-        kind: ``"adapter"`` (with ``prompt_lookup > 0``: lookup where it matches, else the adapter) or
-            ``"lookup"`` (lookup only: a round without a match is a plain one-token step).
+        kind: ``"adapter"`` (with ``prompt_lookup > 0``: lookup where it matches, else the adapter),
+            ``"tree"`` (likewise with a :class:`~kangaroo_lit.decoding.tree.TreeDrafter` for the adapter)
+            or ``"lookup"`` (lookup only: a round without a match is a plain one-token step).
         threshold, max_draft, draft_logits_fn, skip_below: the adapter's (:class:`AdapterDrafter`).
         prompt_lookup: most tokens copied per round (0: no lookup; ``kind="lookup"`` needs >= 1).
         prompt_lookup_ngram: ``(min, max)`` n-gram sizes matched.
+        tree_width, tree_nodes, tree_depth: the tree drafter's ``width``, ``max_nodes``, ``max_depth``.
+        cost: the tree drafter's :class:`~kangaroo_lit.decoding.cost.DecodeCost` (default: the CPU table
+            of the eager kernel).
 
     Raises:
         ValueError: an unknown kind or an inconsistent setting.
@@ -285,7 +301,13 @@ def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int =
         raise ValueError(f"prompt_lookup must be >= 0 (tokens; 0 = off), got {prompt_lookup}")
     if kind == "lookup" and prompt_lookup < 1:
         raise ValueError("drafter 'lookup' needs prompt_lookup >= 1 (tokens copied per round)")
-    adapter = AdapterDrafter(threshold, max_draft, draft_logits_fn, skip_below)
+    if kind == "tree":
+        from kangaroo_lit.decoding.cost import default_cost
+        from kangaroo_lit.decoding.tree import TreeDrafter
+
+        adapter = TreeDrafter(cost or default_cost("cpu"), tree_width, tree_nodes, tree_depth, draft_logits_fn)
+    else:
+        adapter = AdapterDrafter(threshold, max_draft, draft_logits_fn, skip_below)
     if kind == "lookup":
         return LookupDrafter(prompt_lookup, prompt_lookup_ngram)
     if prompt_lookup:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from transformers.cache_utils import Cache
 
 
@@ -51,3 +52,36 @@ def crop_layers(cache: Cache, layer_indices: Iterable[int], new_length: int) -> 
         if excess > 0:
             # Negative count = tokens to remove, in every transformers 5.x; never crop(0) (see module doc).
             cache.layers[idx].crop(-excess)
+
+
+def keep_positions(cache: Cache, layer_indices: Iterable[int], start: int, offsets: list[int]) -> None:
+    """Keep the first ``start`` cached positions and, after them, only the entries at ``start + offsets``.
+
+    After a pass over a draft tree the cache holds every node; the accepted path is a subset of them,
+    in order: this packs it right after the committed positions and drops the rest (rejected branches).
+
+    Args:
+        cache: the cache to rewrite in place; its key/value tensors are (B, H_kv, T, head_dim).
+        layer_indices: the layers to rewrite (the layers of one path segment).
+        start: positions before it are kept as they are.
+        offsets: increasing offsets (from ``start``) of the entries kept, in their new order.
+
+    Raises:
+        ValueError: an offset beyond a layer's length.
+    """
+    for idx in layer_indices:
+        length = cache_length(cache, idx)
+        if offsets and start + offsets[-1] >= length:
+            raise ValueError(f"layer {idx} holds {length} positions; cannot keep offset {offsets[-1]} after {start}")
+        if offsets == list(range(len(offsets))):  # already packed: a crop does it
+            crop_layers(cache, [idx], start + len(offsets))
+            continue
+        # The one place that reads a layer's tensors (``DynamicLayer.keys`` / ``.values``): the public
+        # Cache API can crop and append but not select positions. tests/test_tree.py checks the result
+        # against a cache built from the accepted tokens directly, so a change in the layout fails there.
+        layer = cache.layers[idx]
+        index = torch.tensor([start + o for o in offsets], device=layer.keys.device)
+        keys, values = layer.keys.index_select(-2, index), layer.values.index_select(-2, index)
+        crop_layers(cache, [idx], start)
+        if offsets:
+            layer.update(keys, values)

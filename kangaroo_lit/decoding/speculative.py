@@ -54,9 +54,10 @@ from transformers import DynamicCache
 
 from kangaroo_lit.decoding.common import check_inputs, eos_set, synchronize
 from kangaroo_lit.decoding.drafters import DecodingState, Drafter, DraftLogitsFn, Proposal, make_drafter, positions
-from kangaroo_lit.decoding.kv_cache import cache_length, crop_layers
+from kangaroo_lit.decoding.kv_cache import cache_length, crop_layers, keep_positions
 from kangaroo_lit.decoding.result import DecodeResult
 from kangaroo_lit.decoding.sampling import SamplingConfig, choose, probabilities, rejection_sample
+from kangaroo_lit.masks import tree_pass_mask
 from kangaroo_lit.model import KangarooModel
 
 
@@ -76,6 +77,8 @@ class RoundInfo:
         pending: per draft segment (``draft_shallow``, ``adapter``), positions computed by the full path
             but not yet by the draft path (see the module docstring).
         lookup: whether the round's drafts came from prompt lookup (not the draft path).
+        parents: for a tree round, each drafted token's parent index (-1: ``x``); None for a chain.
+        path: for a tree round, the accepted nodes' indices into ``drafted``, root to leaf.
     """
 
     index: int
@@ -86,6 +89,8 @@ class RoundInfo:
     cache_lengths: dict[str, list[int]]
     pending: dict[str, int]
     lookup: bool = False
+    parents: list[int] | None = None
+    path: list[int] | None = None
 
 
 class SelfSpeculativeDecoder:
@@ -173,6 +178,41 @@ class SelfSpeculativeDecoder:
             return n, target[n]
         return rejection_sample(draft_tokens, draft_probs, probabilities(target_logits, sampling), generator)
 
+    def accept_tree(
+        self,
+        proposal: Proposal,
+        target_logits: torch.Tensor,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], int]:
+        """Walk a draft tree from ``x``: the accepted path of nodes and the full model's token after it.
+
+        At each node the full model's token is chosen from its own distribution there (argmax, or a
+        sample of the warped ``p``); if a child carries that token the walk moves to it, else that token
+        ends the round. Every committed token is therefore exactly the full model's choice given the
+        tokens before it: greedy-identical, and for sampling distributed exactly as ``p`` (the
+        candidates are chosen, not sampled, so this is multi-candidate rejection with point-mass drafts:
+        a candidate is accepted with probability ``p`` of its token, the most any rule can give).
+
+        Args:
+            proposal: a tree proposal (``parents`` set).
+            target_logits: (k + 1, V) full-model logits at ``x`` and at each node.
+
+        Returns:
+            ``(path, next_token)``: the accepted node indices, root to leaf, and the token that follows.
+        """
+        children: dict[int, dict[int, int]] = {}
+        for index, (token, parent) in enumerate(zip(proposal.tokens[0].tolist(), proposal.parents)):
+            children.setdefault(parent, {}).setdefault(token, index)
+        path, node = [], -1
+        while True:
+            token = int(choose(target_logits[node + 1 : node + 2], sampling, generator)[0][0])
+            child = children.get(node, {}).get(token)
+            if child is None:
+                return path, token
+            path.append(child)
+            node = child
+
     # ----------------------------------------------------------------------------------------------
     # Decoding
     def generate(
@@ -258,10 +298,21 @@ class SelfSpeculativeDecoder:
         result.draft_steps += proposal.draft_steps
         target_logits, verify_hidden = self._verify(state, proposal)
         result.full_passes += 1
-        n_accepted, next_token = self.accept_drafts(
-            proposal.tokens[0], self._draft_probs(proposal, target_logits, sampling), target_logits[0], sampling,
-            generator,
-        )
+        path = None
+        if proposal.is_tree:
+            path, next_token = self.accept_tree(proposal, target_logits[0], sampling, generator)
+            n_accepted = len(path)
+            # Pack the accepted path right after x in the verifier's caches (and its states), so the
+            # rest of the round is the chain's: the caches then hold x, the path, then what is cropped.
+            self._keep_path(state, path)
+            verify_hidden = verify_hidden[:, [0, *(1 + i for i in path)]]
+            accepted_tokens = proposal.tokens[0, path].tolist()
+        else:
+            n_accepted, next_token = self.accept_drafts(
+                proposal.tokens[0], self._draft_probs(proposal, target_logits, sampling), target_logits[0],
+                sampling, generator,
+            )
+            accepted_tokens = proposal.tokens[0, :n_accepted].tolist()
         self.drafter.update(proposal, n_accepted)
         k = proposal.size
         result.drafted += k
@@ -269,10 +320,11 @@ class SelfSpeculativeDecoder:
         if proposal.source == "lookup":
             result.lookup_drafted += k
             result.lookup_accepted += n_accepted
-        new = proposal.tokens[0, :n_accepted].tolist() + [next_token]
+        new = accepted_tokens + [next_token]
         self._commit(state, new, verify_hidden)
         emitted = self._emit(new, result, eos, max_new_tokens)
-        self._report(state, index, proposal.tokens[0].tolist(), n_accepted, emitted, lookup=proposal.source == "lookup")
+        self._report(state, index, proposal.tokens[0].tolist(), n_accepted, emitted, lookup=proposal.source == "lookup",
+                     parents=proposal.parents, path=path)
 
     def _verify(self, state: DecodingState, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of the full model over ``[x, d1..dk]`` at positions ``n-1..n-1+k``.
@@ -284,21 +336,38 @@ class SelfSpeculativeDecoder:
         model = self.model
         batch, n = state.committed.shape
         ids = torch.cat([state.committed[:, -1:], proposal.tokens], dim=1)
-        where = positions(n - 1, ids.shape[1], batch, ids.device)
+        j = 0 if proposal.shallow is None else proposal.shallow.shape[1]
+        if proposal.is_tree:
+            # Nodes at x's position + their depth, each attending to the context, x and its ancestors.
+            if j > 1:
+                raise ValueError("a tree proposal carries the shallow state of x at most")
+            tree = tree_pass_mask(proposal.parents, n - 1, device=ids.device)
+            where = tree.query_positions.expand(batch, -1)
+            shallow_tree = tree_pass_mask(proposal.parents, n - 1, first=j, device=ids.device)
+        else:
+            tree = shallow_tree = None
+            where = positions(n - 1, ids.shape[1], batch, ids.device)
         if model.shallow_is_shared:
             # The shared shallow cache is the draft path's: positions drafting already ran there are
             # reused, the rest (the adapter's dk, or every copied token) run now and enter it.
-            j = 0 if proposal.shallow is None else proposal.shallow.shape[1]
             if j == ids.shape[1]:  # every position has been through the shallow layers already
                 verify_hidden = proposal.shallow
             else:
                 rest = model.shallow(model.embed(ids[:, j:]), where[:, j:], cache=state.caches["draft_shallow"],
-                                     draft=True)
+                                     draft=True, tree=shallow_tree)
                 verify_hidden = rest if proposal.shallow is None else torch.cat([proposal.shallow, rest], dim=1)
         else:
             # Scope "draft": the untouched shallow layers, on their own cache.
-            verify_hidden = model.shallow(model.embed(ids), where, cache=state.caches["verify_shallow"], draft=False)
-        return model.deep_logits(verify_hidden, where, cache=state.caches["deep"]), verify_hidden
+            verify_hidden = model.shallow(model.embed(ids), where, cache=state.caches["verify_shallow"], draft=False,
+                                          tree=tree)
+        return model.deep_logits(verify_hidden, where, cache=state.caches["deep"], tree=tree), verify_hidden
+
+    def _keep_path(self, state: DecodingState, path: list[int]) -> None:
+        """After a tree pass: keep x and the accepted ``path`` (node indices) in the verifier's caches."""
+        x_pos = state.committed.shape[1] - 1
+        keep_positions(state.caches["deep"], self._deep_layers, x_pos + 1, path)
+        shallow = "draft_shallow" if self.model.shallow_is_shared else "verify_shallow"
+        keep_positions(state.caches[shallow], self._shallow_layers, x_pos + 1, path)
 
     @staticmethod
     def _draft_probs(proposal: Proposal, target_logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor | None:
@@ -360,7 +429,7 @@ class SelfSpeculativeDecoder:
         return emitted
 
     def _report(self, state: DecodingState, index: int, drafted: list[int], accepted: int, emitted: list[int],
-                lookup: bool = False) -> None:
+                lookup: bool = False, parents: list[int] | None = None, path: list[int] | None = None) -> None:
         if self.on_round is None:
             return
         lengths = {
@@ -381,6 +450,8 @@ class SelfSpeculativeDecoder:
                 cache_lengths=lengths,
                 pending=pending,
                 lookup=lookup,
+                parents=parents,
+                path=path,
             )
         )
 

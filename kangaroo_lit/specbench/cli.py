@@ -54,6 +54,10 @@ def specbench(
     pld_ngram_size: int = 3,
     prompt_lookup: int = 7,
     skip_below: float = 0.0,
+    tree_width: int = 4,
+    tree_nodes: int = 7,
+    tree_depth: int = 6,
+    cost_model: str | None = None,
     kernel: Literal["eager", "streaming"] = "eager",
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
     device: str = "auto",
@@ -79,8 +83,9 @@ def specbench(
         limit: the first N questions of each subtask (default all 80).
         turns: answer only the first N turns of each question (MT-Bench has two; default all).
         methods: some of vanilla, generate, pld, pld7 (HF prompt lookup at 7 tokens), hf_early_exit, lookup
-            (prompt lookup alone in this project's decoder), kangaroo, kangaroo_lookup, early_exit (default all
-            that apply but pld7; vanilla always runs: it is the baseline).
+            (prompt lookup alone in this project's decoder), kangaroo, kangaroo_lookup, kangaroo_tree,
+            kangaroo_tree_lookup (tree drafts), early_exit (default all that apply but pld7 and the tree methods;
+            vanilla always runs: it is the baseline).
         max_new_tokens: most tokens per answer (Spec-Bench: 1024); prompts longer than the context minus this are
             cut from the left and counted.
         temperature: 0 = greedy (Spec-Bench's setting), else sampling at this temperature (outputs are then not
@@ -96,6 +101,11 @@ def specbench(
         prompt_lookup: lookup and kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
         skip_below: kangaroo, kangaroo_lookup, early_exit: a round whose first draft's confidence is below this
             verifies no draft (a plain step); 0 = off.
+        tree_width: kangaroo_tree, kangaroo_tree_lookup: candidates per expanded node and nodes expanded per level.
+        tree_nodes: kangaroo_tree(_lookup): most nodes verified a round (the cost model picks how many).
+        tree_depth: kangaroo_tree(_lookup): most levels below the last committed token.
+        cost_model: kangaroo_tree(_lookup): a ``bench cost_model`` JSON report (decode_cost_*.json) of this device
+            to size trees by (default: the built-in table for the device and --kernel).
         kernel: linear layers over <= 8 rows: eager (``F.linear``) or streaming (the CPU kernel of
             :mod:`kangaroo_lit.kernels.streaming_linear`, float32); every method, the baseline too, decodes with it.
         dtype: dtype of the whole model.
@@ -115,7 +125,8 @@ def specbench(
         methods=tuple(methods) if methods else None, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, top_k=top_k, seed=seed, threshold=threshold, max_draft=max_draft,
         pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, prompt_lookup=prompt_lookup,
-        skip_below=skip_below, kernel=kernel, dtype=dtype, device=device, runs=runs,
+        skip_below=skip_below, tree_width=tree_width, tree_nodes=tree_nodes, tree_depth=tree_depth,
+        cost_model=cost_model, kernel=kernel, dtype=dtype, device=device, runs=runs,
         warmup=warmup, threads=threads, out_dir=out_dir, overwrite=overwrite, progress=progress))
 
 

@@ -53,9 +53,12 @@ from kangaroo_lit.decoding.sampling import SamplingConfig
 from kangaroo_lit.model import KangarooModel
 
 METHOD_ORDER = ("vanilla", "generate", "pld", "pld7", "hf_early_exit", "lookup", "kangaroo", "kangaroo_lookup",
-                "early_exit")
-# Without --methods: all but pld7 (HF prompt lookup at 7 tokens is the peer for kernel-bound ablations).
-DEFAULT_METHODS = tuple(m for m in METHOD_ORDER if m != "pld7")
+                "kangaroo_tree", "kangaroo_tree_lookup", "early_exit")
+# Without --methods: all but pld7 (HF prompt lookup at 7 tokens is the peer for kernel-bound ablations) and
+# the tree methods (the chain is the default decoder; the tree is its ablation).
+DEFAULT_METHODS = tuple(m for m in METHOD_ORDER if m not in ("pld7", "kangaroo_tree", "kangaroo_tree_lookup"))
+# Methods that decode with the trained draft (they need --artifact).
+TRAINED_METHODS = ("kangaroo", "kangaroo_lookup", "kangaroo_tree", "kangaroo_tree_lookup")
 HF_METHODS = ("generate", "pld", "pld7", "hf_early_exit")
 # HF prompt lookup with 7 proposed tokens: its verification windows (8 rows) stay within the streaming
 # kernel's row limit, as ``--prompt_lookup 7`` does.
@@ -218,9 +221,10 @@ def cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
 
 def build_methods(model: KangarooModel, eos: list[int], names: list[str], trained: bool, threshold: float,
                   max_draft: int, pld_num_tokens: int = 10, pld_ngram_size: int = 3,
-                  prompt_lookup: int = 7, skip_below: float = 0.0) -> list[Method]:
-    """The methods called ``names`` (a subset of :data:`METHOD_ORDER`; ``kangaroo`` and ``kangaroo_lookup``
-    need ``trained``, ``early_exit`` its absence), in the order given."""
+                  prompt_lookup: int = 7, skip_below: float = 0.0, tree=None) -> list[Method]:
+    """The methods called ``names`` (a subset of :data:`METHOD_ORDER`; :data:`TRAINED_METHODS` need
+    ``trained``, ``early_exit`` its absence), in the order given. ``tree``: the
+    :class:`~kangaroo_lit.settings.DecodingSettings` of the tree methods (width, nodes, depth, cost model)."""
     L = model.exit_layer
     draft = f"exit layer {L}, threshold {threshold:g}, max_draft {max_draft}" + (
         f", skip_below {skip_below:g}" if skip_below else "")
@@ -228,6 +232,16 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
     def adapter_decoder(lookup: int) -> SelfSpeculativeDecoder:
         return SelfSpeculativeDecoder(model, drafter=make_drafter("adapter", threshold, max_draft, lookup,
                                                                   skip_below=skip_below))
+
+    def tree_decoder(lookup: int) -> SelfSpeculativeDecoder:
+        return SelfSpeculativeDecoder(model, drafter=make_drafter(
+            "tree", prompt_lookup=lookup, tree_width=tree.tree_width, tree_nodes=tree.tree_nodes,
+            tree_depth=tree.tree_depth, cost=tree.decode_cost(model)))
+
+    def tree_description() -> str:
+        cost = tree.decode_cost(model)
+        return (f"exit layer {L}, width {tree.tree_width}, at most {tree.tree_nodes} nodes and depth "
+                f"{tree.tree_depth}, sized by the cost model ({cost.source})")
 
     made: dict[str, Any] = {
         "vanilla": lambda: DecoderMethod("vanilla", "vanilla loop (kangaroo_lit VanillaDecoder), the baseline",
@@ -256,12 +270,18 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
             "kangaroo_lookup", f"Kangaroo self-speculative + prompt lookup (at most {prompt_lookup} copied tokens, "
             f"n-grams 3..2), trained draft ({draft})", model, eos,
             adapter_decoder(prompt_lookup)),
+        "kangaroo_tree": lambda: DecoderMethod(
+            "kangaroo_tree", f"Kangaroo self-speculative, tree drafts of the trained draft ({tree_description()})",
+            model, eos, tree_decoder(0)),
+        "kangaroo_tree_lookup": lambda: DecoderMethod(
+            "kangaroo_tree_lookup", f"Kangaroo tree drafts + prompt lookup (at most {prompt_lookup} copied tokens, "
+            f"n-grams 3..2; tree: {tree_description()})", model, eos, tree_decoder(prompt_lookup)),
         "early_exit": lambda: DecoderMethod("early_exit", f"self-speculative, untrained early exit ({draft})", model,
                                             eos, adapter_decoder(0)),
     }
     out = []
     for name in names:
-        if name in ("kangaroo", "kangaroo_lookup") and not trained:
+        if name in TRAINED_METHODS and not trained:
             raise ValueError(f"method {name!r} needs a trained draft (--artifact)")
         if name == "early_exit" and trained:
             raise ValueError("method 'early_exit' is the untrained draft; with --artifact it is 'kangaroo'")

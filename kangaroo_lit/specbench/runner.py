@@ -32,7 +32,14 @@ from kangaroo_lit.settings import DECODING_ANSWER_FIELDS, DecodingSettings
 from kangaroo_lit.specbench import answers as answer_files
 from kangaroo_lit.specbench import report
 from kangaroo_lit.specbench.conversation import PromptRenderer, Template
-from kangaroo_lit.specbench.methods import DEFAULT_METHODS, METHOD_ORDER, Method, TurnResult, build_methods
+from kangaroo_lit.specbench.methods import (
+    DEFAULT_METHODS,
+    METHOD_ORDER,
+    TRAINED_METHODS,
+    Method,
+    TurnResult,
+    build_methods,
+)
 from kangaroo_lit.specbench.questions import Question, load_questions, select_questions
 
 DEFAULT_BASE_MODEL = "embedded:tiny-llama"
@@ -45,8 +52,9 @@ ANSWER_SETTINGS = ("questions_sha256", "model", "artifact", "exit_layer", "dtype
                    "pld_num_tokens", "pld_ngram_size", "turns",
                    *(f for f in DECODING_ANSWER_FIELDS if f != "drafter"))
 # Methods whose drafts come from prompt lookup (they need --prompt_lookup >= 1) or from the adapter.
-LOOKUP_METHODS = ("lookup", "kangaroo_lookup")
+LOOKUP_METHODS = ("lookup", "kangaroo_lookup", "kangaroo_tree_lookup")
 ADAPTER_METHODS = ("kangaroo", "kangaroo_lookup", "early_exit")
+TREE_METHODS = ("kangaroo_tree", "kangaroo_tree_lookup")
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,10 @@ class SpecBenchSettings:
     pld_ngram_size: int
     prompt_lookup: int
     skip_below: float
+    tree_width: int
+    tree_nodes: int
+    tree_depth: int
+    cost_model: str | None
     kernel: str
     dtype: str
     device: str
@@ -97,7 +109,7 @@ class SpecBenchSettings:
             raise ConfigError(f"--turns must be >= 1, got {self.turns}")
         methods = self.methods or METHOD_ORDER
         # The project's one set of decoding rules, for each kind of drafter the methods use.
-        for drafter, used in (("adapter", ADAPTER_METHODS), ("lookup", LOOKUP_METHODS)):
+        for drafter, used in (("adapter", ADAPTER_METHODS), ("lookup", LOOKUP_METHODS), ("tree", TREE_METHODS)):
             if any(m in used for m in methods):
                 self.decoding(drafter)
         if self.pld_num_tokens < 1 or self.pld_ngram_size < 1:
@@ -124,8 +136,9 @@ class SpecBenchSettings:
             threshold=defaults.threshold if self.threshold is None else self.threshold,
             max_draft=defaults.max_draft if self.max_draft is None else self.max_draft,
             prompt_lookup=self.prompt_lookup, drafter=drafter, skip_below=self.skip_below,
-            temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, kernel=self.kernel)
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
+            tree_width=self.tree_width, tree_nodes=self.tree_nodes, tree_depth=self.tree_depth,
+            cost_model=self.cost_model)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -337,9 +350,11 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                 "seed": s.seed, "threshold": draft.threshold, "max_draft": draft.max_draft,
                 "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size, "turns": s.turns,
-                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel, "skip_below": s.skip_below}
+                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel, "skip_below": s.skip_below,
+                "tree_width": s.tree_width, "tree_nodes": s.tree_nodes, "tree_depth": s.tree_depth,
+                "cost_model": file_sha256(s.cost_model) if s.cost_model else None}
     names = [m for m in METHOD_ORDER if m in (s.methods or DEFAULT_METHODS)]
-    untrained = {"early_exit"} if draft.artifact else {"kangaroo", "kangaroo_lookup"}
+    untrained = {"early_exit"} if draft.artifact else set(TRAINED_METHODS)
     names = [m for m in names if m not in untrained]
     if "vanilla" not in names:
         names.insert(0, "vanilla")  # the baseline every speedup divides by
@@ -358,7 +373,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
         methods = build_methods(model, eos, names, trained=draft.artifact is not None, threshold=draft.threshold,
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
                                 pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup,
-                                skip_below=s.skip_below)
+                                skip_below=s.skip_below, tree=s.decoding("tree"))
         conv = Conversations(renderer, tokenizer, s.max_new_tokens, s.sampling, s.seed, device)
         model_id = {m.name: f"{model_name(draft)}-{m.name}-{s.dtype}-temp-{s.temperature:g}" for m in methods}
         done = {run: {m.name: answer_files.read_answers(answer_files.answer_path(out_dir, run, m.name))
