@@ -21,6 +21,8 @@ class DecodeResult:
         draft_steps: single-token steps of the draft path (shallow layers -> adapter -> exit head).
         lookup_drafted: the part of ``drafted`` copied by prompt lookup (not the draft path).
         lookup_accepted: the part of ``accepted`` that was copied by prompt lookup.
+        round_drafted: per round (after the prefill), the draft tokens its verification pass checked
+            (a tree's nodes): with ``draft_steps``, what the cost model needs to predict the time.
         wall_time_s: wall-clock seconds of the whole generation, prefill included.
     """
 
@@ -32,6 +34,7 @@ class DecodeResult:
     draft_steps: int = 0
     lookup_drafted: int = 0
     lookup_accepted: int = 0
+    round_drafted: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
 
     @property

@@ -316,6 +316,7 @@ class SelfSpeculativeDecoder:
         self.drafter.update(proposal, n_accepted)
         k = proposal.size
         result.drafted += k
+        result.round_drafted.append(k)
         result.accepted += n_accepted
         if proposal.source == "lookup":
             result.lookup_drafted += k

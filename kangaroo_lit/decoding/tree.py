@@ -8,7 +8,8 @@ context, ``x`` and its own ancestors). The shape follows the draft's confidence,
 2. Each further level expands the ``width`` best nodes so far by *score*, the product of the draft
    probabilities along a node's path (the draft's estimate that the whole path is accepted), in one
    draft-path pass over those nodes; each gets its top-``width`` children. Expansion stops at
-   ``max_depth``, or when the frontier's total score falls below the cost of one more draft step.
+   ``max_depth``, or when one level of lookahead (each frontier node's best child guessed as likely
+   as the node itself was) does not raise the expected rate of step 3 by more than the step costs.
 3. The verified tree is the best ``N`` nodes by score (ancestors always included), ``N`` chosen to
    maximise expected tokens per unit of time: ``(1 + sum of their scores) / (draft time + v_{N+1})``
    with ``c`` and ``v_k`` from the cost model (:mod:`~kangaroo_lit.decoding.cost`); ``N = 0`` makes the
@@ -42,7 +43,8 @@ class _Node:
     token: int
     parent: int  # index into the candidate list, -1 for the root x
     depth: int
-    score: float
+    prob: float  # its draft probability given its parent
+    score: float  # the product of ``prob`` along its path
     ancestors: frozenset[int]  # candidate indices of its ancestors and itself
 
 
@@ -78,8 +80,8 @@ class TreeDrafter(Drafter):
         cached: list[int] = []  # candidate indices whose draft-path states follow x in the draft caches
         max_depth = min(self.max_depth, budget)
         for depth in range(2, max_depth + 1):
-            if sum(nodes[i].score for i in frontier) < self.cost.draft_step:
-                break  # the next level cannot be worth a draft step
+            if not self._worth_expanding(nodes, frontier, steps):
+                break
             logits = self._expand(model, state, x_pos, frontier, cached, nodes)
             steps += 1
             cached.extend(frontier)
@@ -129,7 +131,7 @@ class TreeDrafter(Drafter):
                 if prob <= 0:
                     continue  # outside the warped support: cannot be accepted
                 index = len(nodes)
-                nodes.append(_Node(int(token), parent, depth, base * prob, lineage | {index}))
+                nodes.append(_Node(int(token), parent, depth, prob, base * prob, lineage | {index}))
                 added.append(index)
         return added
 
@@ -155,11 +157,26 @@ class TreeDrafter(Drafter):
         shallow = model.shallow(model.embed(ids), where, cache=state.caches["draft_shallow"], draft=True, tree=mask)
         return model.draft_logits(shallow, where, cache=state.caches["adapter"], tree=mask)[0]
 
-    def _select(self, nodes: list[_Node], steps: int) -> list[int]:
-        """The nodes to verify: the best by score (ancestors first), as many as maximise the expected rate.
+    def _worth_expanding(self, nodes: list[_Node], frontier: list[int], steps: int) -> bool:
+        """One level of lookahead: does the best expected rate rise if the frontier is expanded?
 
-        Expected tokens of a round with the first ``N`` of them: ``1 + sum(scores)`` (the full model's own
-        token plus each node's chance of being accepted); its time: ``steps * c + v_{N+1}``.
+        A node's best child is guessed to be as likely as the node was given its parent (confidence
+        persists along a path); the expansion costs one more draft step.
+        """
+        now = self._best(nodes, steps)[1]
+        guesses = [_Node(-1, f, nodes[f].depth + 1, nodes[f].prob, nodes[f].score * nodes[f].prob, frozenset())
+                   for f in frontier]
+        return self._best(nodes + guesses, steps + 1)[1] > now
+
+    def _select(self, nodes: list[_Node], steps: int) -> list[int]:
+        """The nodes to verify: the best by score (ancestors first), as many as maximise the expected rate."""
+        return self._best(nodes, steps)[0]
+
+    def _best(self, nodes: list[_Node], steps: int) -> tuple[list[int], float]:
+        """The best tree of ``nodes`` after ``steps`` draft steps, and its expected rate (tokens per step).
+
+        Expected tokens of a round verifying the first ``N`` nodes by score: ``1 + sum(scores)`` (the full
+        model's own token plus each node's chance of being accepted); its time: ``steps * c + v_{N+1}``.
         """
         ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))
         picked: list[int] = []
@@ -177,4 +194,4 @@ class TreeDrafter(Drafter):
             rate = expected / (spent + self.cost.verify_cost(n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        return picked[:best_n]
+        return picked[:best_n], best_rate

@@ -66,6 +66,8 @@ def make_record(question: Question, model_id: str, run: int, texts: Sequence[str
     }
     if any(r.draft_passes is not None for r in results):
         choice["draft_passes"] = [r.draft_passes for r in results]
+    if any(r.round_drafted for r in results):
+        choice["round_drafted"] = [r.round_drafted for r in results]
     return {
         "question_id": question.question_id,
         "category": question.category,

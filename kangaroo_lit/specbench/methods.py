@@ -77,7 +77,9 @@ class TurnResult:
             method does not say (HF ``generate``).
         drafted: draft tokens verified (None when unknown; 0 for methods that do not draft).
         accepted: drafts accepted (None when unknown).
-        draft_passes: forward passes of a separate draft computation (HF early exit), else None.
+        draft_passes: forward passes of a separate draft computation (HF early exit), or the draft-path
+            steps of the self-speculative decoder; None otherwise.
+        round_drafted: the self-speculative decoder's drafts verified per round (empty otherwise).
     """
 
     tokens: list[int]
@@ -87,6 +89,7 @@ class TurnResult:
     drafted: int | None = None
     accepted: int | None = None
     draft_passes: int | None = None
+    round_drafted: list[int] = field(default_factory=list)
 
 
 class Method:
@@ -121,9 +124,11 @@ class DecoderMethod(Method):
         generator = torch.Generator(device=ids.device).manual_seed(seed)
         r = self.decoder.generate(ids, max_new_tokens, self.eos, temperature=sampling.temperature,
                                   top_p=sampling.top_p, top_k=sampling.top_k, generator=generator)
-        drafted = r.drafted if isinstance(self.decoder, SelfSpeculativeDecoder) else 0
+        speculative = isinstance(self.decoder, SelfSpeculativeDecoder)
         return TurnResult(tokens=r.tokens, wall_time=r.wall_time_s, decoding_steps=r.full_passes,
-                          accept_lengths=list(r.accept_lengths), drafted=drafted, accepted=r.accepted)
+                          accept_lengths=list(r.accept_lengths), drafted=r.drafted if speculative else 0,
+                          accepted=r.accepted, draft_passes=r.draft_steps if speculative else None,
+                          round_drafted=list(r.round_drafted) if speculative else [])
 
 
 class PassCounter:
