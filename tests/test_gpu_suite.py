@@ -118,7 +118,11 @@ def test_dry_run_stage_results_rows_and_archive(dry_run):
     workers = [(r["mode"], r["impl"]) for r in rows if r["bench"] == "train_step"]
     assert sorted(workers) == sorted((m, i) for m in ("sgp", "joint", "lora") for i in ("lightning", "raw"))
     assert [r["kind"] for r in rows if r["bench"] == "cost_model"] == ["costs", "forced", "hf_static_cache"]
-    assert report["rows"] == {"cost_model": 3, "train_step": 6}
+    assert report["rows"] == {"cost_model": 3, "tree_vs_chain": 1, "train_step": 6}
+    # chain vs tree, the tree sized by the cost_model stage's own report; outputs identical in float32
+    tree = stages["tree_vs_chain"]["result"]["report"]
+    assert tree["cost"]["source"].endswith("decode_cost_tiny_cpu.json")
+    assert all(row["identical"] for row in tree["rows"].values()) and set(tree["rows"]) == {"vanilla", "chain", "tree"}
     # the archive: the run directory's figures and logs, no checkpoint, cache or weights
     names = _archive_names(out)
     top = Path(report["run_dir"]).name

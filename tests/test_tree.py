@@ -310,3 +310,26 @@ def test_a_width_one_tree_drafts_what_the_chain_drafts(mode, tiny_model_dirs):
         SelfSpeculativeDecoder(model, drafter=drafter, on_round=lambda r, out=out: out.append(r.drafted)).generate(
             ids, 16)
     assert trees == chains and len(trees) > 2
+
+
+def test_the_benchmarks_synthetic_draft_is_calibrated_with_the_profile_asked_for():
+    """bench tree_vs_chain's draft: the true token is within its top k as often as the profile says, and
+    the probability it gives its rank-r token is that rank's share (so confidence means acceptance)."""
+    from kangaroo_lit.bench.tree_vs_chain import SMOLLM2_PROFILE, synthetic_draft
+
+    vocab, n = 500, 3000
+    reference = [random.Random(i).randrange(vocab) for i in range(n)]
+    hook = synthetic_draft(reference, prompt_length=10, vocab=vocab, profile=SMOLLM2_PROFILE, seed=1)
+    within = Counter()
+    for position in range(10, 10 + n):
+        logits = hook(torch.zeros(1, vocab), position)
+        order = logits[0].argsort(descending=True).tolist()
+        rank = order.index(reference[position - 10])
+        for k in range(len(SMOLLM2_PROFILE)):
+            within[k] += rank <= k
+    probs = logits[0].softmax(-1).sort(descending=True).values
+    assert probs[0] == pytest.approx(SMOLLM2_PROFILE[0])
+    assert probs[1] == pytest.approx(SMOLLM2_PROFILE[1] - SMOLLM2_PROFILE[0])
+    for k, p in enumerate(SMOLLM2_PROFILE):
+        assert within[k] / n == pytest.approx(p, abs=0.03), k
+    assert torch.equal(hook(torch.zeros(1, vocab), 50), hook(torch.zeros(1, vocab), 50))  # chain and tree alike

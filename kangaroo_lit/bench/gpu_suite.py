@@ -22,6 +22,9 @@ deep, 16 MiB each). The stages, in order of value (each within its own timeout a
 * ``cost_model``: ``kangaroo-lit bench cost_model`` on the Llama-2-7B shape (random bf16 weights, exit
   layers 1 and 2, 20 repeats, 2 forced-acceptance runs), with HF ``generate`` on a static cache compiled by
   ``torch.compile`` beside the eager one (compile time reported apart).
+* ``tree_vs_chain``: ``kangaroo-lit bench tree_vs_chain`` on the same shape: chain vs tree drafts sized by
+  the ``cost_model`` stage's own ``c`` and ``v_k``, with a synthetic calibrated draft of the shipped SmolLM2
+  draft's top-k agreement (no trained draft exists for random weights).
 * ``train_step``: ``kangaroo-lit bench train_step`` on the Llama-2-7B shape (SGP vs joint vs LoRA,
   Lightning vs raw loop; 2 warm-up + 6 measured steps per worker).
 * ``deepspeed_zero2``: the embedded tiny Llama trained through the real CLI with
@@ -70,9 +73,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
 # In order of value: the 7B measurements first, the cheap smoke tests after (a cut run loses the latter).
-STAGES = ("environment", "cost_model", "train_step", "deepspeed_zero2", "bf16_identical", "deepspeed_zero3")
+STAGES = ("environment", "cost_model", "tree_vs_chain", "train_step", "deepspeed_zero2", "bf16_identical",
+          "deepspeed_zero3")
 # Seconds each stage may take (on the GPU its process group is killed after that).
-TIMEOUTS = {"environment": 60, "cost_model": 270, "train_step": 240, "deepspeed_zero2": 150,
+TIMEOUTS = {"environment": 60, "cost_model": 270, "tree_vs_chain": 90, "train_step": 240, "deepspeed_zero2": 150,
             "bf16_identical": 90, "deepspeed_zero3": 45}
 BUDGET_S = 480  # the whole suite: 8 minutes, inside the device tool's 10-minute command limit
 PACK_RESERVE_S = 15  # kept back from the budget for the report and the archive
@@ -367,6 +371,24 @@ def stage_cost_model(paths: RunPaths, dry_run: bool) -> dict[str, Any]:
         report = cost_model(shape="llama2-7b", device="cuda", dtype="bfloat16", exit_layer=(1, 2), repeats=20,
                             runs=2, out_dir=str(paths.bench), hf_static_cache="compiled", rows_file=str(paths.rows))
     return {"report": report, "markdown": _read_md(paths.bench, "decode_cost_")}
+
+
+def stage_tree_vs_chain(paths: RunPaths, dry_run: bool) -> dict[str, Any]:
+    """Chain vs tree drafts at this device's own cost model (the ``cost_model`` stage's report, exit layer 1),
+    with a synthetic draft of the shipped SmolLM2 draft's top-k agreement (a lent GPU has no trained one)."""
+    from kangaroo_lit.bench.tree_vs_chain import tree_vs_chain
+
+    reports = sorted(paths.bench.glob("decode_cost_*.json"))
+    cost = str(reports[-1]) if reports else None  # else the built-in table of the device
+    if dry_run:
+        report = tree_vs_chain(shape="tiny", device="cpu", dtype="float32", exit_layer=1, cost_model=cost,
+                               prompt_tokens=16, new_tokens=24, runs=1, threads=1, out_dir=str(paths.bench),
+                               rows_file=str(paths.rows))
+    else:
+        report = tree_vs_chain(shape="llama2-7b", device="cuda", dtype="bfloat16", exit_layer=1, cost_model=cost,
+                               prompt_tokens=128, new_tokens=128, tree_nodes=15, runs=3, out_dir=str(paths.bench),
+                               rows_file=str(paths.rows))
+    return {"report": report, "markdown": _read_md(paths.bench, "tree_vs_chain_")}
 
 
 def stage_train_step(paths: RunPaths, dry_run: bool) -> dict[str, Any]:
