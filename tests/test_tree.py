@@ -333,3 +333,31 @@ def test_the_benchmarks_synthetic_draft_is_calibrated_with_the_profile_asked_for
     for k, p in enumerate(SMOLLM2_PROFILE):
         assert within[k] / n == pytest.approx(p, abs=0.03), k
     assert torch.equal(hook(torch.zeros(1, vocab), 50), hook(torch.zeros(1, vocab), 50))  # chain and tree alike
+
+
+@pytest.mark.parametrize("mode", ["off", "draft", "shared"])
+def test_threshold_curve_replays_chain_decoding_exactly(mode, tiny_model_dirs):
+    """bench threshold_curve's replay of chain rounds over the model's own greedy answer gives the decoder's
+    rounds, accepted drafts and tokens (and, at threshold 0, its drafts) for every setting."""
+    from types import SimpleNamespace
+
+    from kangaroo_lit.bench.threshold_curve import force_answers, replay_chain
+
+    model = build_decoding_model(tiny_model_dirs["llama"], 1, mode, seed=21)
+    model.confidence_temperature = 1.7
+    ids = torch.tensor([[4, 9, 12, 4, 9, 30, 7]])
+    max_new = 40
+    reference = greedy_reference(model, ids, max_new)
+    forced = force_answers(model, [SimpleNamespace(ids=ids[0].tolist() + reference, n_prompt=ids.shape[1])])
+    seen = set()
+    for threshold, max_draft, skip in ((0.0, 3, 0.0), (0.0, 6, 0.0), (0.05, 4, 0.0), (0.2, 6, 0.0), (0.0, 2, 0.1)):
+        drafter = make_drafter("adapter", threshold, max_draft, skip_below=skip)
+        result = SelfSpeculativeDecoder(model, drafter=drafter).generate(ids, max_new)
+        replay = replay_chain(forced, threshold, max_draft, skip, CPU_STREAMING)
+        assert result.tokens == reference
+        assert replay.tokens == len(result.tokens) - 1
+        assert (replay.rounds, replay.accepted) == (result.full_passes - 1, result.accepted), (threshold, max_draft)
+        if threshold == 0:
+            assert (replay.drafted, replay.draft_steps) == (result.drafted, result.draft_steps)
+        seen.add(result.accepted > 0)
+    assert True in seen

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "cost_model": "kangaroo_lit.bench.cost_model:cost_model",
     "train_step": "kangaroo_lit.bench.train_step:train_step",
     "tree_vs_chain": "kangaroo_lit.bench.tree_vs_chain:tree_vs_chain",
+    "threshold_curve": "kangaroo_lit.bench.threshold_curve:threshold_curve",
 }
 
 
