@@ -122,7 +122,8 @@ def test_dry_run_stage_results_rows_and_archive(dry_run):
     # chain vs tree, the tree sized by the cost_model stage's own report; outputs identical in float32
     tree = stages["tree_vs_chain"]["result"]["report"]
     assert tree["cost"]["source"].endswith("decode_cost_tiny_cpu.json")
-    assert all(row["identical"] for row in tree["rows"].values()) and set(tree["rows"]) == {"vanilla", "chain", "tree"}
+    assert all(row["identical"] for row in tree["rows"].values())
+    assert {"vanilla", "tree", "chain@0"} <= set(tree["rows"])
     # the archive: the run directory's figures and logs, no checkpoint, cache or weights
     names = _archive_names(out)
     top = Path(report["run_dir"]).name

@@ -83,15 +83,18 @@ class DecodeCost:
                           f"measure it: kangaroo-lit bench cost_model --exit_layer {exit_layer} --out_dir DIR")
 
 
-# Measured tables (BENCHMARKS.md): SmolLM2-135M-Instruct, exit layer 1, 1 CPU thread, context 128, with
-# the streaming kernel (draft head K = 8192) and with F.linear; on a GPU, the Llama-2-7B shape's raw
-# PyTorch reference (c ~ 0.1, verifying up to 64 tokens ~ one step).
+# Built-in tables (BENCHMARKS.md). CPU: SmolLM2-135M-Instruct, exit layer 1, 1 idle CPU thread, context
+# 128, measured with the streaming kernel (draft head K = 8192); with F.linear v_k was measured, c is the
+# full-head draft step of the same table. GPU: the Llama-2-7B shape's raw PyTorch reference of the cost
+# issue (c = 0.095 + the adapter, v = 1.1 up to 8 tokens); the 64-token figure is assumed (EAGLE-2
+# verifies ~60-token trees for about a step), not measured here. A loaded CPU core pays far more for
+# wide passes (8 tokens: 2.5 steps with both cores busy): measure with bench cost_model where you decode.
 CPU_STREAMING = DecodeCost(draft_step=0.126, verify={1: 0.93, 2: 1.03, 3: 1.15, 4: 1.20, 5: 1.25, 8: 1.61},
                            source="built-in: CPU, streaming kernel (SmolLM2-135M, 1 thread)")
 CPU_EAGER = DecodeCost(draft_step=0.21, verify={2: 1.58, 4: 1.82, 7: 2.08, 8: 1.98},
                        source="built-in: CPU, F.linear (SmolLM2-135M, 1 thread)")
-GPU = DecodeCost(draft_step=0.1, verify={2: 1.0, 16: 1.05, 64: 1.3},
-                 source="built-in: GPU (Llama-2-7B shape, bf16)")
+GPU = DecodeCost(draft_step=0.1, verify={2: 1.1, 8: 1.1, 64: 1.3},
+                 source="built-in: GPU (Llama-2-7B shape reference; 64 tokens assumed)")
 
 
 def default_cost(device_type: str, kernel: str = "eager") -> DecodeCost:

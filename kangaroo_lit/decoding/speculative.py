@@ -21,6 +21,15 @@ Copied tokens have not been through the draft path, so they join the *pending* t
 enter it with the next adapter round's first step. Sampling stays exact: a copied token is a draft from
 a point mass ``q`` (accepted with probability ``p(d)``, else resampled from ``p`` without ``d``).
 
+A drafter may propose a *tree* instead of a chain (:class:`~kangaroo_lit.decoding.tree.TreeDrafter`):
+verification then runs over ``x`` and every node with a tree attention mask (a node sees the context,
+``x`` and its ancestors, at position ``x``'s + its depth), :meth:`SelfSpeculativeDecoder.accept_tree`
+walks down from ``x`` choosing the full model's token at each node (argmax, or a sample of ``p``) and
+following the child that carries it, and the accepted path is packed right after ``x`` in the verifier's
+caches (:func:`~kangaroo_lit.decoding.kv_cache.keep_positions`) before the chain's rollback. A tree's
+"drafted" tokens are all its nodes, so its acceptance rate (accepted / drafted) reads lower than a chain's
+for the same tokens per pass; MAT compares them.
+
 A restricted draft head (``draft.vocab_size`` K) gives (B, K) draft logits over ``model.draft_vocab``:
 greedy takes the argmax over K and maps it to its token id; sampling warps and normalises over K, then
 scatters ``q`` to the full vocabulary (zero elsewhere) for the rejection step, which with ``p`` the full
