@@ -361,3 +361,22 @@ def test_threshold_curve_replays_chain_decoding_exactly(mode, tiny_model_dirs):
             assert (replay.drafted, replay.draft_steps) == (result.drafted, result.draft_steps)
         seen.add(result.accepted > 0)
     assert True in seen
+
+
+def test_recorded_sizing_overrides_the_training_runs_decoding_defaults(tmp_path):
+    """bench threshold_curve --record writes the cost model's best chain sizing into kangaroo.json; loaders
+    default to it over what training recorded (other fields stay the training run's)."""
+    from kangaroo_lit.artifact import MANIFEST
+    from kangaroo_lit.bench.threshold_curve import record_sizing
+    from kangaroo_lit.decoding.session import recorded_decoding
+
+    manifest = {"training": {"model": {"decoding": {"threshold": 0.4, "max_draft": 6, "max_new_tokens": 99}}}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert recorded_decoding(manifest).threshold == 0.4
+    record_sizing(str(tmp_path), {"threshold": 0.7, "max_draft": 3, "skip_below": 0.0, "predicted_speedup": 1.1})
+    written = json.loads((tmp_path / MANIFEST).read_text())
+    settings = recorded_decoding(written)
+    assert (settings.threshold, settings.max_draft, settings.max_new_tokens) == (0.7, 3, 99)
+    assert not (tmp_path / (MANIFEST + ".partial")).exists()
+    with pytest.raises(ConfigError, match="decoding.threshold"):
+        recorded_decoding({**written, "sizing": {"threshold": 2.0}})

@@ -132,6 +132,7 @@ def threshold_curve(
     max_length: int = 512,
     threads: int | None = None,
     out_dir: str | None = None,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Replay chain decoding over held-out greedy answers for a grid of settings; returns the report.
 
@@ -149,6 +150,8 @@ def threshold_curve(
         max_length: longest example in tokens.
         threads: torch CPU threads (default: the project's rule).
         out_dir: write threshold_curve.json, .md and .png here.
+        record: write the best setting to the artifact's ``kangaroo.json`` (``sizing``): loading the draft
+            (``load_draft``, ``specbench``) then defaults to its threshold, max_draft and skip_below.
     """
     from kangaroo_lit.bench.common import machine_info, markdown_table, print_table, write_outputs
     from kangaroo_lit.data.rows import load_file_rows
@@ -197,7 +200,30 @@ def threshold_curve(
           f"{best['speedup']:.3f}x predicted", file=sys.stderr)
     if out_dir:
         write_outputs(out_dir, "threshold_curve", report, markdown_table(header, table), plot=_plot)
+    if record:
+        record_sizing(artifact, {**{k: best[k] for k in ("threshold", "max_draft", "skip_below")},
+                                 "predicted_speedup": round(best["speedup"], 4), "cost": decode_cost.source,
+                                 "verify_extra": verify_extra, "data": str(data_path), "rows": len(answers),
+                                 "first_row": first_row, "top1_agreement": round(top1, 4)})
+        print(f"recorded in {artifact}/kangaroo.json (sizing): threshold {best['threshold']:g}, max_draft "
+              f"{best['max_draft']}, skip_below {best['skip_below']:g}", file=sys.stderr)
     return report
+
+
+def record_sizing(artifact: str, sizing: dict[str, Any]) -> None:
+    """Write ``sizing`` into the artifact's ``kangaroo.json`` (atomically: a crash leaves the old file)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from kangaroo_lit.artifact import MANIFEST
+
+    path = Path(artifact) / MANIFEST
+    data = json.loads(path.read_text())
+    data["sizing"] = sizing
+    tmp = path.with_name(MANIFEST + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _plot(report: dict[str, Any], path) -> bool:

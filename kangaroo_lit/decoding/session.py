@@ -148,12 +148,20 @@ def _from_base(base_model, exit_layer: int, dtype, device) -> LoadedForDecoding:
     return LoadedForDecoding(model, tokenizer, base_path, None)
 
 
+# The settings ``bench threshold_curve --record`` derives from the cost model and writes to ``kangaroo.json``.
+SIZING_FIELDS = ("threshold", "max_draft", "skip_below")
+
+
 def recorded_decoding(manifest: dict[str, Any] | None) -> DecodingSettings:
-    """The decoding settings an artifact's training run recorded (``training.model.decoding``), over the
-    defaults of :class:`DecodingSettings`; fields it does not know are ignored, a bad value is refused."""
+    """The decoding settings an artifact records, over the defaults of :class:`DecodingSettings`: its training
+    run's (``training.model.decoding``), then the chain sizing the cost model derived for it (``sizing``,
+    written by ``kangaroo-lit bench threshold_curve --record``); fields it does not know are ignored, a bad
+    value is refused."""
     import dataclasses
 
-    recorded = (((manifest or {}).get("training") or {}).get("model") or {}).get("decoding") or {}
+    recorded = dict((((manifest or {}).get("training") or {}).get("model") or {}).get("decoding") or {})
+    sizing = (manifest or {}).get("sizing") or {}
+    recorded.update({k: sizing[k] for k in SIZING_FIELDS if k in sizing})
     known = {f.name for f in dataclasses.fields(DecodingSettings)}
     values = {k: v for k, v in recorded.items() if k in known}
     return DecodingSettings.for_options("decoding.", **values)
