@@ -307,6 +307,17 @@ def write_model_card(artifact_dir: str | Path, measured: dict[str, Any] | None =
     return artifact_dir / "README.md"
 
 
+def record_in_manifest(artifact_dir: str | Path, key: str, record: Any) -> None:
+    """Set ``key`` of an artifact's ``kangaroo.json`` to ``record`` (``calibrate``'s temperature, the cost
+    model's sizing), atomically: a crash mid-write leaves the old file, never a partial one."""
+    path = Path(artifact_dir) / MANIFEST
+    data = json.loads(path.read_text())
+    data[key] = record
+    tmp = path.with_name(MANIFEST + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _field_error(artifact_dir: Path, field: str, problem: str) -> CheckpointError:
     return CheckpointError(f"artifact {artifact_dir}: {MANIFEST} field '{field}' {problem}")
 

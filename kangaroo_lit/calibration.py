@@ -16,9 +16,7 @@ plotted (``calibration.png``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -138,7 +136,7 @@ def calibrate(artifact: str, data_path: str, max_rows: int = 200, max_positions:
     Returns:
         The ``calibration`` record written to the manifest.
     """
-    from kangaroo_lit.artifact import MANIFEST
+    from kangaroo_lit.artifact import record_in_manifest
     from kangaroo_lit.data.rows import load_file_rows
     from kangaroo_lit.data.tokenize import RowEncoder, TruncationStats, has_chat_template
     from kangaroo_lit.decoding.session import load_for_decoding
@@ -174,12 +172,7 @@ def calibrate(artifact: str, data_path: str, max_rows: int = 200, max_positions:
         "before": reliability((logits.double() / before).softmax(-1).max(-1).values, correct),
         "after": reliability((logits.double() / temperature).softmax(-1).max(-1).values, correct),
     }
-    manifest_path = Path(artifact) / MANIFEST
-    data = json.loads(manifest_path.read_text())
-    data["calibration"] = record
-    tmp = manifest_path.with_name(MANIFEST + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    record_in_manifest(artifact, "calibration", record)
     plot_reliability(record, Path(artifact) / "calibration.png")
     return record
 

@@ -4,7 +4,7 @@
 # versions of the GPU image. They are side-installed into .venv-lowest/ (git-ignored) and put first on
 # PYTHONPATH; everything else comes from .venv (run scripts/install.sh first). Re-runs reuse the folder.
 #
-#   bash scripts/test_lowest.sh                  # the four model/decoding test modules
+#   bash scripts/test_lowest.sh                  # the model/decoding test modules (trees too)
 #   bash scripts/test_lowest.sh -x -k greedy     # extra arguments go to pytest
 #
 # transformers 5.17 needs huggingface_hub<2 (.venv has 2.x for the newer transformers), and
@@ -44,7 +44,7 @@ import pytest
 TARGET = os.path.abspath(".venv-lowest")
 EXPECTED = {"transformers": "5.17.0", "tokenizers": "0.23.1", "peft": "0.21.0", "huggingface_hub": "1.33.0"}
 TESTS = ["tests/test_model.py", "tests/test_decoding_greedy.py", "tests/test_decoding_units.py",
-         "tests/test_decoding_sampling.py"]
+         "tests/test_decoding_sampling.py", "tests/test_tree.py"]
 
 
 class LowestVersions:

@@ -104,6 +104,12 @@ def noisy_oracle(reference: list[int], prompt_length: int, seed: int, p_agree: f
     return hook
 
 
+def repeating_prompt(rng, vocab: int, repeats: tuple[int, int] = (2, 4)) -> torch.Tensor:
+    """(1, T) ids: a random chunk repeated ``repeats`` (min, max) times, then one token: prompt lookup finds it."""
+    chunk = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 5))]
+    return torch.tensor([chunk * rng.randint(*repeats) + [rng.randrange(3, vocab)]])
+
+
 # Expected TV of 3000 exact draws over 27 outcomes is about 0.03.
 SAMPLING_TV_BOUND = 0.07
 

@@ -18,7 +18,7 @@ from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, make_drafte
 from kangaroo_lit.decoding.drafters import Drafter, LookupDrafter, LookupThenAdapter, Proposal
 from kangaroo_lit.decoding.sampling import SamplingConfig
 from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
-from tests.helpers import SAMPLING_TV_BOUND, build_small_model, exact_distribution, total_variation
+from tests.helpers import SAMPLING_TV_BOUND, build_small_model, exact_distribution, repeating_prompt, total_variation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,11 +43,6 @@ class RandomDrafter(Drafter):
 
     def update(self, proposal: Proposal, accepted: int) -> None:
         self.updates.append((proposal.size, accepted))
-
-
-def repeating_prompt(rng: random.Random, vocab: int) -> torch.Tensor:
-    chunk = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 5))]
-    return torch.tensor([chunk * rng.randint(2, 4) + [rng.randrange(3, vocab)]])
 
 
 @pytest.mark.parametrize("arch_index", range(len(ARCHITECTURES)), ids=ARCHITECTURES)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kangaroo_lit.decoding import RoundInfo, SelfSpeculativeDecoder, make_drafter
-from kangaroo_lit.decoding.cost import CPU_STREAMING, GPU, DecodeCost, default_cost
+from kangaroo_lit.decoding.cost import CPU_STREAMING, GPU, DecodeCost, default_cost, load_cost
 from kangaroo_lit.decoding.drafters import Drafter, Proposal
 from kangaroo_lit.decoding.kv_cache import cache_length
 from kangaroo_lit.decoding.sampling import SamplingConfig
@@ -24,7 +24,14 @@ from kangaroo_lit.errors import ConfigError
 from kangaroo_lit.masks import tree_ancestry, tree_depths, tree_pass_mask
 from kangaroo_lit.settings import DecodingSettings
 from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
-from tests.helpers import SAMPLING_TV_BOUND, build_small_model, exact_distribution, noisy_oracle, total_variation
+from tests.helpers import (
+    SAMPLING_TV_BOUND,
+    build_small_model,
+    exact_distribution,
+    noisy_oracle,
+    repeating_prompt,
+    total_variation,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,11 +89,6 @@ class FixedTree(Drafter):
         return Proposal(tokens=torch.tensor([self.tokens]), probs=None, source="fixed", parents=self.parents)
 
 
-def repeating_prompt(rng: random.Random, vocab: int) -> torch.Tensor:
-    chunk = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 5))]
-    return torch.tensor([chunk * rng.randint(1, 3) + [rng.randrange(3, vocab)]])
-
-
 def check_round_bookkeeping(rounds: list[RoundInfo], result) -> None:
     assert len(rounds) == result.full_passes
     committed = rounds[-1].committed_length - 1
@@ -131,6 +133,9 @@ def test_cost_model_interpolates_and_reads_bench_reports(tmp_path):
     with pytest.raises(ConfigError, match="bench cost_model"):
         DecodeCost.from_report(tmp_path / "other.json", exit_layer=2)
     assert default_cost("cuda") is GPU and default_cost("cpu", "streaming") is CPU_STREAMING
+    assert load_cost("builtin:gpu", exit_layer=1) is GPU and load_cost(str(report), exit_layer=2) == read
+    with pytest.raises(ConfigError, match="builtin:cpu_streaming"):
+        load_cost("builtin:tpu", exit_layer=1)
 
 
 def test_settings_check_tree_options():
@@ -160,7 +165,7 @@ def test_tree_drafter_is_greedy_identical(arch_index, tiny_model_dirs):
         model = build_decoding_model(tiny_model_dirs[arch], (arch_index + m) % 3, mode, seed=arch_index * 3 + m,
                                      attn_implementation=attn)
         for case, (width, nodes, depth) in enumerate(SHAPES):
-            ids = repeating_prompt(rng, model.config.vocab_size)
+            ids = repeating_prompt(rng, model.config.vocab_size, (1, 3))
             max_new = rng.randint(9, 18)
             reference = greedy_reference(model, ids, max_new)
             hook = noisy_oracle(reference, ids.shape[1], seed=case, p_agree=0.5)
@@ -185,7 +190,7 @@ def test_random_trees_are_greedy_identical_with_eos_and_budget_inside_branches(a
     for m, mode in enumerate(("off", "draft", "shared")):
         model = build_decoding_model(tiny_model_dirs[arch], (arch_index + m + 1) % 3, mode, seed=arch_index + 10 * m)
         for case in range(4):
-            ids = repeating_prompt(rng, model.config.vocab_size)
+            ids = repeating_prompt(rng, model.config.vocab_size, (1, 3))
             max_new = (1, 2, rng.randint(6, 10), rng.randint(12, 20))[case]
             reference = greedy_reference(model, ids, max_new)
             eos = None

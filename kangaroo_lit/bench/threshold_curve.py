@@ -27,10 +27,7 @@ from typing import Any
 
 import torch
 
-from kangaroo_lit.decoding.cost import CPU_EAGER, CPU_STREAMING, GPU, DecodeCost
-from kangaroo_lit.errors import ConfigError
-
-BUILTIN_COSTS = {"cpu_streaming": CPU_STREAMING, "cpu_eager": CPU_EAGER, "gpu": GPU}
+from kangaroo_lit.decoding.cost import DecodeCost, load_cost
 
 
 @dataclass
@@ -163,12 +160,7 @@ def threshold_curve(
     config = dict(locals())
     loaded = load_for_decoding(artifact=artifact, dtype="float32")
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
-    if cost.startswith("builtin:"):
-        if cost.split(":", 1)[1] not in BUILTIN_COSTS:
-            raise ConfigError(f"--cost {cost}: the built-in tables are {', '.join(BUILTIN_COSTS)}")
-        decode_cost = BUILTIN_COSTS[cost.split(":", 1)[1]]
-    else:
-        decode_cost = DecodeCost.from_report(cost, model.exit_layer)
+    decode_cost = load_cost(cost, model.exit_layer)
     apply_threads(sum(p.numel() for p in model.parameters()), threads)
     recorded = ((manifest.get("training") or {}).get("data") or {}).get("use_chat_template")
     use_chat = bool(recorded) if recorded is not None else has_chat_template(tokenizer)
@@ -212,18 +204,9 @@ def threshold_curve(
 
 def record_sizing(artifact: str, sizing: dict[str, Any]) -> None:
     """Write ``sizing`` into the artifact's ``kangaroo.json`` (atomically: a crash leaves the old file)."""
-    import json
-    import os
-    from pathlib import Path
+    from kangaroo_lit.artifact import record_in_manifest
 
-    from kangaroo_lit.artifact import MANIFEST
-
-    path = Path(artifact) / MANIFEST
-    data = json.loads(path.read_text())
-    data["sizing"] = sizing
-    tmp = path.with_name(MANIFEST + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    record_in_manifest(artifact, "sizing", sizing)
 
 
 def _plot(report: dict[str, Any], path) -> bool:

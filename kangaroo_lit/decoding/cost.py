@@ -97,8 +97,25 @@ GPU = DecodeCost(draft_step=0.1, verify={2: 1.1, 8: 1.1, 64: 1.3},
                  source="built-in: GPU (Llama-2-7B shape reference; 64 tokens assumed)")
 
 
+BUILTIN = {"cpu_streaming": CPU_STREAMING, "cpu_eager": CPU_EAGER, "gpu": GPU}
+
+
 def default_cost(device_type: str, kernel: str = "eager") -> DecodeCost:
     """The built-in table for a device type (``"cpu"``, ``"cuda"``, ...) and kernel."""
     if device_type != "cpu":
         return GPU
     return CPU_STREAMING if kernel == "streaming" else CPU_EAGER
+
+
+def load_cost(spec: str, exit_layer: int) -> DecodeCost:
+    """``builtin:cpu_streaming|cpu_eager|gpu``, or the path of a ``bench cost_model`` report (its ``exit_layer``).
+
+    Raises:
+        ConfigError: an unknown built-in name, or a report that cannot be read or lacks the exit layer.
+    """
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise ConfigError(f"cost {spec!r}: the built-in tables are {', '.join('builtin:' + n for n in BUILTIN)}")
+        return BUILTIN[name]
+    return DecodeCost.from_report(spec, exit_layer)

@@ -23,15 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kangaroo_lit.decoding.cost import CPU_EAGER, CPU_STREAMING, GPU, DecodeCost
-
-BUILTIN = {"cpu_streaming": CPU_STREAMING, "cpu_eager": CPU_EAGER, "gpu": GPU}
-
-
-def load_cost(spec: str, exit_layer: int) -> DecodeCost:
-    if spec.startswith("builtin:"):
-        return BUILTIN[spec.split(":", 1)[1]]
-    return DecodeCost.from_report(spec, exit_layer)
+from kangaroo_lit.decoding.cost import DecodeCost, load_cost
 
 
 def predicted_steps(choice: dict, cost: DecodeCost, verify_extra: float) -> tuple[int, float]:
