@@ -24,9 +24,14 @@ ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TO
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_print_config_round_trips(name, tmp_path, capsys):
-    args = {"decode": ["--base_model", "m", "--exit_layer", "[1,2]", "--thresholds", "[0.3]", "--runs", "5"],
-            "cost_model": ["--shape", "tiny", "--exit_layer", "[1,2]", "--ks", "[2,3]", "--no_forced"],
-            "train_step": ["--shape", "small", "--modes", "[sgp,lora]", "--in_process", "--steps", "4"]}[name]
+    required = {"threshold_curve": ["--artifact", "a", "--data_path", "d.jsonl"]}.get(name, [])
+    args = required + {
+        "decode": ["--base_model", "m", "--exit_layer", "[1,2]", "--thresholds", "[0.3]", "--runs", "5"],
+        "cost_model": ["--shape", "tiny", "--exit_layer", "[1,2]", "--ks", "[2,3]", "--no_forced"],
+        "train_step": ["--shape", "small", "--modes", "[sgp,lora]", "--in_process", "--steps", "4"],
+        "tree_vs_chain": ["--shape", "tiny", "--profile", "[0.3,0.4]", "--thresholds", "[0.5]", "--tree_nodes", "5"],
+        "threshold_curve": ["--max_drafts", "[1,3]", "--skip_below", "[0,0.3]", "--record"],
+    }[name]
     with pytest.raises(SystemExit) as exit_info:
         main([name, *args, "--print_config"])
     assert exit_info.value.code == 0
@@ -34,7 +39,7 @@ def test_print_config_round_trips(name, tmp_path, capsys):
     config.write_text(capsys.readouterr().out)
     expected = parse(name, args)
     assert parse(name, ["--config", str(config)]) == expected
-    assert expected != parse(name, [])  # the arguments did change something
+    assert expected != parse(name, required)  # the arguments did change something
     # A flag after --config wins over the file.
     assert parse(name, ["--config", str(config), "--out_dir", "elsewhere"]) == {**expected, "out_dir": "elsewhere"}
 
