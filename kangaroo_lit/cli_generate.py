@@ -49,16 +49,17 @@ class GenerateOptions:
         temperature: 0 = greedy, else lossless speculative sampling (>= 0).
         top_p: nucleus sampling, in (0, 1] (1 = off).
         top_k: top-k sampling, >= 0 (0 = off).
-        threshold: second early exit: a draft below this top-1 probability ends the round (Kangaroo: 0.6);
-            in [0, 1].
-        max_draft: most drafts per round (Kangaroo: 6); >= 1.
+        threshold: second early exit: a draft below this top-1 probability ends the round; in [0, 1]. Default:
+            what the artifact records (the cost model's sizing from ``bench threshold_curve --record``, else its
+            training run's decoding settings), else 0.6.
+        max_draft: most drafts per round (>= 1); default as for --threshold, else 6.
         prompt_lookup: most tokens a round copies from an earlier occurrence of the context's last n-gram
             (prompt lookup; 0 = off: the adapter drafts every round).
         drafter: adapter (the trained draft, a chain; with --prompt_lookup, lookup where it matches), tree (the
             trained draft, a tree of candidates sized by the cost model; with --prompt_lookup, likewise) or lookup
             (prompt lookup alone, no draft: a round without a match is a plain step).
         skip_below: a round whose first draft's confidence is below this verifies no draft (a plain step); in
-            [0, 1], 0 = off (break-even is about v_2 - 1 of bench cost_model).
+            [0, 1], 0 = off (break-even is about v_2 - 1 of bench cost_model); default as for --threshold, else 0.
         tree_width: --drafter tree: candidates per expanded node and nodes expanded per level (>= 1).
         tree_nodes: --drafter tree: most nodes verified a round (>= 1; the cost model picks how many).
         tree_depth: --drafter tree: most levels below the last committed token (>= 1).
@@ -85,11 +86,11 @@ class GenerateOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    threshold: float = 0.6
-    max_draft: int = 6
+    threshold: float | None = None
+    max_draft: int | None = None
     prompt_lookup: int = 0
     drafter: Literal["adapter", "tree", "lookup"] = "adapter"
-    skip_below: float = 0.0
+    skip_below: float | None = None
     tree_width: int = 4
     tree_nodes: int = 7
     tree_depth: int = 6
@@ -116,11 +117,21 @@ class GenerateOptions:
 
     @property
     def decoding(self) -> DecodingSettings:
-        """The decoding settings of these options (checked: a bad value is a one-line ConfigError)."""
+        """The decoding settings of these options without an artifact (checked: a bad value is a one-line
+        ConfigError)."""
+        return self.decoding_for(None)
+
+    def decoding_for(self, manifest: dict[str, Any] | None) -> DecodingSettings:
+        """The decoding settings of these options with ``manifest``'s recorded chain sizing (threshold,
+        max_draft, skip_below) where an option was not given."""
+        from kangaroo_lit.decoding.session import recorded_decoding
+
+        recorded = recorded_decoding(manifest)
+        given = {"threshold": self.threshold, "max_draft": self.max_draft, "skip_below": self.skip_below}
+        sizing = {k: getattr(recorded, k) if v is None else v for k, v in given.items()}
         return DecodingSettings.for_options(
-            "--", max_new_tokens=self.max_new_tokens, threshold=self.threshold, max_draft=self.max_draft,
-            prompt_lookup=self.prompt_lookup, drafter=self.drafter, skip_below=self.skip_below,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
+            "--", max_new_tokens=self.max_new_tokens, prompt_lookup=self.prompt_lookup, drafter=self.drafter,
+            **sizing, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
             tree_width=self.tree_width, tree_nodes=self.tree_nodes, tree_depth=self.tree_depth,
             cost_model=self.cost_model)
 
@@ -161,13 +172,12 @@ def parse(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def load_model(opts: GenerateOptions):
-    """(KangarooModel, tokenizer) from an artifact or a plain HF model (the project's one loader,
-    :func:`~kangaroo_lit.decoding.session.load_for_decoding`)."""
+    """The :class:`~kangaroo_lit.decoding.session.LoadedForDecoding` of an artifact or a plain HF model (the
+    project's one loader, :func:`~kangaroo_lit.decoding.session.load_for_decoding`)."""
     from kangaroo_lit.decoding.session import load_for_decoding
 
-    loaded = load_for_decoding(artifact=opts.artifact, base_model=opts.base_model, exit_layer=opts.exit_layer,
-                               dtype=opts.dtype, device=opts.torch_device)
-    return loaded.model, loaded.tokenizer
+    return load_for_decoding(artifact=opts.artifact, base_model=opts.base_model, exit_layer=opts.exit_layer,
+                             dtype=opts.dtype, device=opts.torch_device)
 
 
 def prompt_entries(opts: GenerateOptions) -> list[tuple[str, dict]]:
@@ -204,8 +214,10 @@ def encode_prompt(tokenizer, text: str, where: str) -> torch.Tensor:
     return torch.tensor([[tokenizer.bos_token_id]])
 
 
-def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, stream: bool) -> dict[str, Any]:
-    """Decode one tokenized prompt (1, T); the JSON object of DESIGN §4b."""
+def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, stream: bool,
+               decoding: DecodingSettings | None = None) -> dict[str, Any]:
+    """Decode one tokenized prompt (1, T) with ``decoding`` (default ``opts.decoding``); the JSON object of
+    DESIGN §4b."""
     from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 
     device = opts.torch_device
@@ -221,7 +233,8 @@ def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, strea
         sys.stdout.flush()
         printed["text"] = full
 
-    decoder = SelfSpeculativeDecoder(model, drafter=opts.decoding.make_drafter(model),
+    decoding = decoding or opts.decoding
+    decoder = SelfSpeculativeDecoder(model, drafter=decoding.make_drafter(model),
                                      on_round=on_round if stream else None)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     result = decoder.generate(ids, opts.max_new_tokens, eos, generator=gen, **sampling)
@@ -267,7 +280,9 @@ def generate(opts: GenerateOptions) -> int:
     from kangaroo_lit.threads import apply_threads
 
     entries = prompt_entries(opts)  # a malformed prompt file fails before a model is loaded
-    model, tokenizer = load_model(opts)
+    loaded = load_model(opts)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    decoding = opts.decoding_for(loaded.manifest)
     if next(model.parameters()).device.type == "cpu":
         apply_threads(sum(p.numel() for p in model.parameters()), opts.threads, decoding=True)
     texts = prompt_texts(opts, tokenizer, entries)
@@ -276,14 +291,16 @@ def generate(opts: GenerateOptions) -> int:
                          getattr(model.config, "max_position_embeddings", None))
     stream = not opts.json and not opts.compare_vanilla
     with cli_scaffold.kernel_linears(model, opts.kernel):
-        decode_all(opts, model, tokenizer, encoded, stream)
+        decode_all(opts, model, tokenizer, encoded, stream, decoding)
     return 0
 
 
-def decode_all(opts: GenerateOptions, model, tokenizer, encoded: list[torch.Tensor], stream: bool) -> None:
-    """Decode each prompt and write its result as soon as it is done."""
+def decode_all(opts: GenerateOptions, model, tokenizer, encoded: list[torch.Tensor], stream: bool,
+               decoding: DecodingSettings | None = None) -> None:
+    """Decode each prompt with ``decoding`` (default ``opts.decoding``) and write its result as soon as it is
+    done."""
     for ids in encoded:
-        out = decode_one(opts, model, tokenizer, ids, stream)
+        out = decode_one(opts, model, tokenizer, ids, stream, decoding)
         if opts.json:
             sys.stdout.write(json.dumps(out) + "\n")
         else:

@@ -34,6 +34,34 @@ def test_generate_json_from_an_artifact(tiny_llama_dir, tmp_path, capsys):
     assert "exit layer 1" in capsys.readouterr().err
 
 
+def test_generate_defaults_to_the_artifacts_recorded_sizing(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Without --threshold / --max_draft / --skip_below, generate decodes with the chain sizing the artifact
+    records (``bench threshold_curve --record``); a flag given wins over the record."""
+    from kangaroo_lit import cli_generate
+    from kangaroo_lit.artifact import record_in_manifest
+
+    _, ckpt = trained_checkpoint(tiny_llama_dir, tmp_path, lora=LoraSettings(rank=4, scope="draft"))
+    art = tmp_path / "art"
+    assert main(["export", "--ckpt_path", str(ckpt), "--out_dir", str(art)]) == 0
+    record_in_manifest(art, "sizing", {"threshold": 0.85, "max_draft": 3, "skip_below": 0.05})
+    used = []
+    real = cli_generate.decode_one
+
+    def spy(opts, model, tokenizer, ids, stream, decoding=None):
+        used.append(decoding or opts.decoding)
+        return real(opts, model, tokenizer, ids, stream, decoding)
+
+    monkeypatch.setattr(cli_generate, "decode_one", spy)
+    args = ["generate", "--artifact", str(art), "--prompt", "hi", "--max_new_tokens", "4", "--json"]
+    assert main(args) == 0
+    assert main([*args, "--threshold", "0.3", "--max_draft", "5"]) == 0
+    assert main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "hi",
+                 "--max_new_tokens", "4", "--json"]) == 0
+    capsys.readouterr()
+    sizing = [(d.threshold, d.max_draft, d.skip_below) for d in used]
+    assert sizing == [(0.85, 3, 0.05), (0.3, 5, 0.05), (0.6, 6, 0.0)]
+
+
 def test_generate_streams_text_and_summary(tiny_llama_dir, capsys):
     code = main(["generate", "--base_model", str(tiny_llama_dir), "--exit_layer", "1", "--prompt", "hello",
                  "--max_new_tokens", "10", "--dtype", "float64"])
