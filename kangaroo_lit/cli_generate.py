@@ -124,11 +124,10 @@ class GenerateOptions:
     def decoding_for(self, manifest: dict[str, Any] | None) -> DecodingSettings:
         """The decoding settings of these options with ``manifest``'s recorded chain sizing (threshold,
         max_draft, skip_below) where an option was not given."""
-        from kangaroo_lit.decoding.session import recorded_decoding
+        from kangaroo_lit.decoding.session import SIZING_FIELDS, recorded_decoding
 
         recorded = recorded_decoding(manifest)
-        given = {"threshold": self.threshold, "max_draft": self.max_draft, "skip_below": self.skip_below}
-        sizing = {k: getattr(recorded, k) if v is None else v for k, v in given.items()}
+        sizing = {k: getattr(recorded, k) if getattr(self, k) is None else getattr(self, k) for k in SIZING_FIELDS}
         return DecodingSettings.for_options(
             "--", max_new_tokens=self.max_new_tokens, prompt_lookup=self.prompt_lookup, drafter=self.drafter,
             **sizing, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
@@ -215,9 +214,9 @@ def encode_prompt(tokenizer, text: str, where: str) -> torch.Tensor:
 
 
 def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, stream: bool,
-               decoding: DecodingSettings | None = None) -> dict[str, Any]:
-    """Decode one tokenized prompt (1, T) with ``decoding`` (default ``opts.decoding``); the JSON object of
-    DESIGN §4b."""
+               decoding: DecodingSettings) -> dict[str, Any]:
+    """Decode one tokenized prompt (1, T) with ``decoding`` (``opts.decoding_for`` the loaded artifact); the
+    JSON object of DESIGN §4b."""
     from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 
     device = opts.torch_device
@@ -233,7 +232,6 @@ def decode_one(opts: GenerateOptions, model, tokenizer, ids: torch.Tensor, strea
         sys.stdout.flush()
         printed["text"] = full
 
-    decoding = decoding or opts.decoding
     decoder = SelfSpeculativeDecoder(model, drafter=decoding.make_drafter(model),
                                      on_round=on_round if stream else None)
     gen = torch.Generator(device=device).manual_seed(opts.seed)
@@ -296,9 +294,8 @@ def generate(opts: GenerateOptions) -> int:
 
 
 def decode_all(opts: GenerateOptions, model, tokenizer, encoded: list[torch.Tensor], stream: bool,
-               decoding: DecodingSettings | None = None) -> None:
-    """Decode each prompt with ``decoding`` (default ``opts.decoding``) and write its result as soon as it is
-    done."""
+               decoding: DecodingSettings) -> None:
+    """Decode each prompt with ``decoding`` and write its result as soon as it is done."""
     for ids in encoded:
         out = decode_one(opts, model, tokenizer, ids, stream, decoding)
         if opts.json:

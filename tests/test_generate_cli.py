@@ -47,8 +47,8 @@ def test_generate_defaults_to_the_artifacts_recorded_sizing(tiny_llama_dir, tmp_
     used = []
     real = cli_generate.decode_one
 
-    def spy(opts, model, tokenizer, ids, stream, decoding=None):
-        used.append(decoding or opts.decoding)
+    def spy(opts, model, tokenizer, ids, stream, decoding):
+        used.append(decoding)
         return real(opts, model, tokenizer, ids, stream, decoding)
 
     monkeypatch.setattr(cli_generate, "decode_one", spy)
