@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from kangaroo_lit.adapter import KangarooAdapter
+from kangaroo_lit.attention import ATTENTION_NAME, SDPA_BACKENDS, use_grouped_sdpa
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
 from kangaroo_lit.draft_vocab import check_draft_vocab
 from kangaroo_lit.masks import TreeMask, causal_attention_mask, check_right_padding
@@ -79,11 +80,14 @@ class KangarooModel(nn.Module):
         super().__init__()
         check_architecture(base.config)
         attn_implementation = getattr(base.config, "_attn_implementation", None)
-        if attn_implementation not in SUPPORTED_ATTENTION:
+        if attn_implementation not in (*SUPPORTED_ATTENTION, ATTENTION_NAME):  # the latter: already switched
             raise ValueError(
                 f"attn_implementation {attn_implementation!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ATTENTION)}"
             )
+        # sdpa, without copying the cache's grouped key/value heads in multi-token passes (kangaroo_lit.attention);
+        # before the adapter is built so that its attention layer uses it too.
+        use_grouped_sdpa(base)
         num_layers = base.config.num_hidden_layers
         check_exit_layer(exit_layer, num_layers)
         if exit_head not in ("shared", "trainable"):
@@ -337,7 +341,8 @@ class KangarooModel(nn.Module):
                 layer_type: tree.additive(dtype, window if layer_type == "sliding_attention" else None)
                 for layer_type in set(self._layer_types) | {self.adapter.layer_type}
             }
-        sdpa_only = self.config._attn_implementation == "sdpa" and self.adapter.config._attn_implementation == "sdpa"
+        sdpa_only = (self.config._attn_implementation in SDPA_BACKENDS
+                     and self.adapter.config._attn_implementation in SDPA_BACKENDS)
         plain_causal = (
             sdpa_only
             and query_length > 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kangaroo_lit.architectures import load_base_model
+from kangaroo_lit.attention import ATTENTION_NAME, grouped_sdpa_attention_forward
 from kangaroo_lit.decoding import SelfSpeculativeDecoder, VanillaDecoder
 from kangaroo_lit.model import KangarooModel
 from tests.conftest import ARCHITECTURES, build_decoding_model, greedy_reference
@@ -40,8 +41,10 @@ def test_eager_forward_is_causal(arch, tiny_model_dirs):
     for backend in ("eager", "sdpa"):
         torch.manual_seed(0)  # LoRA A is drawn when PEFT wraps the base: the same for both backends
         model = build_decoding_model(model_dir, exit_layer=1, mode="draft", seed=3, attn_implementation=backend)
-        assert model.config._attn_implementation == backend
-        assert model.adapter.config._attn_implementation == backend
+        # sdpa runs as its grouped-head variant (kangaroo_lit.attention), tested against HF's sdpa below.
+        expected_backend = ATTENTION_NAME if backend == "sdpa" else backend
+        assert model.config._attn_implementation == expected_backend
+        assert model.adapter.config._attn_implementation == expected_backend
         with torch.no_grad():
             outs[backend] = model(ids)
             full[backend] = model.full_logits(ids)
@@ -86,3 +89,47 @@ def test_other_backends_are_refused(tiny_llama_dir):
     base = load_base_model(str(tiny_llama_dir), "float32", "flex_attention")
     with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention' is not supported; supported: sdpa"):
         KangarooModel(base, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_grouped_sdpa_equals_hf_sdpa(arch, grad, tiny_model_dirs):
+    """The grouped-head SDPA gives HF's sdpa output (float64) for masked passes over several queries.
+
+    The case it changes (several queries, a mask, grouped key/value heads, no gradient: a verification
+    pass) and the cases it hands to HF (one query, no mask, gradients) against HF's own function, on a real
+    attention layer of each architecture with a tree-like (not causal) mask and a cache of 9 positions.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    base = load_base_model(str(tiny_model_dirs[arch]), "float64", "sdpa")
+    attention = base.model.layers[0].self_attn
+    assert attention.num_key_value_groups > 1  # the tiny configs are GQA: the changed path is exercised
+    heads, kv_heads, dim = base.config.num_attention_heads, base.config.num_key_value_heads, attention.head_dim
+    gen = torch.Generator().manual_seed(11)
+    for queries, masked in ((4, True), (1, True), (4, False), (1, False)):
+        query = torch.randn(1, heads, queries, dim, generator=gen, dtype=torch.float64)
+        key = torch.randn(1, kv_heads, 9 + queries, dim, generator=gen, dtype=torch.float64)
+        value = torch.randn(1, kv_heads, 9 + queries, dim, generator=gen, dtype=torch.float64)
+        mask = None
+        if masked:  # each new token sees the cache, itself and a random subset of the others
+            allowed = torch.rand(queries, queries, generator=gen) < 0.5
+            allowed |= torch.eye(queries, dtype=torch.bool)
+            mask = torch.cat([torch.ones(queries, 9, dtype=torch.bool), allowed], dim=1)[None, None]
+        with torch.set_grad_enabled(grad):
+            ours, _ = grouped_sdpa_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
+            theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
+        assert ours.shape == theirs.shape == (1, queries, heads, dim)
+        torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-12)
+
+
+def test_grouped_sdpa_is_not_saved(tiny_model_dirs, tmp_path):
+    """Building a KangarooModel switches its sdpa base to the grouped variant; a saved config does not say so."""
+    import json
+
+    base = load_base_model(str(tiny_model_dirs["llama"]), "float64", "sdpa")
+    model = KangarooModel(base, exit_layer=1)
+    assert model.config._attn_implementation == model.adapter.config._attn_implementation == ATTENTION_NAME
+    base.config.save_pretrained(tmp_path)
+    assert ATTENTION_NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+    KangarooModel(base, exit_layer=1)  # a base switched already is accepted again
