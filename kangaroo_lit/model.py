@@ -24,8 +24,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from kangaroo_lit.adapter import KangarooAdapter
-from kangaroo_lit.attention import ATTENTION_NAME, SDPA_BACKENDS, use_grouped_sdpa
 from kangaroo_lit.architectures import check_architecture, check_exit_layer, layer_attention_types
+from kangaroo_lit.attention import ATTENTION_NAME, SDPA_BACKENDS, use_grouped_sdpa
 from kangaroo_lit.draft_vocab import check_draft_vocab
 from kangaroo_lit.masks import TreeMask, causal_attention_mask, check_right_padding
 from kangaroo_lit.settings import ExitHeadMode, LoraScope, LoraSettings

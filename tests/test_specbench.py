@@ -235,3 +235,26 @@ def test_group_metrics_uses_only_questions_both_answered():
 def test_answer_fields_are_spec_benchs():
     assert FIELDS == ("question_id", "category", "answer_id", "model_id", "choices", "tstamp")
     assert set(CHOICE_FIELDS) == {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
+
+
+def test_the_draft_decodes_with_its_recorded_sizing(tmp_path):
+    """--threshold / --max_draft / --skip_below left open take the artifact's recorded sizing (all three:
+    skip_below was once dropped); a value given wins."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from kangaroo_lit.artifact import record_in_manifest
+    from kangaroo_lit.specbench.runner import SpecBenchSettings, resolve_draft
+
+    shipped = Path(__file__).resolve().parents[1] / "drafts" / "smollm2-135m-instruct" / "kangaroo.json"
+    art = tmp_path / "art"
+    art.mkdir()
+    shutil.copy(shipped, art / "kangaroo.json")  # the manifest is all resolve_draft reads
+    record_in_manifest(art, "sizing", {"threshold": 0.85, "max_draft": 3, "skip_below": 0.05})
+    fields = {f.name: None for f in dataclasses.fields(SpecBenchSettings)}
+    settings = SpecBenchSettings(**{**fields, "artifact": str(art)})
+    draft = resolve_draft(settings)
+    assert (draft.threshold, draft.max_draft, draft.skip_below) == (0.85, 3, 0.05)
+    draft = resolve_draft(dataclasses.replace(settings, threshold=0.3, skip_below=0.0))
+    assert (draft.threshold, draft.max_draft, draft.skip_below) == (0.3, 3, 0.0)

@@ -53,7 +53,7 @@ def specbench(
     pld_num_tokens: int = 10,
     pld_ngram_size: int = 3,
     prompt_lookup: int = 7,
-    skip_below: float = 0.0,
+    skip_below: float | None = None,
     tree_width: int = 4,
     tree_nodes: int = 7,
     tree_depth: int = 6,
@@ -100,7 +100,7 @@ def specbench(
         pld_ngram_size: prompt lookup: longest n-gram matched (max_matching_ngram_size; Spec-Bench: 3).
         prompt_lookup: lookup and kangaroo_lookup: most tokens a round copies from a prompt n-gram match.
         skip_below: kangaroo, kangaroo_lookup, early_exit: a round whose first draft's confidence is below this
-            verifies no draft (a plain step); 0 = off.
+            verifies no draft (a plain step); 0 = off (default the artifact's recorded sizing, else 0).
         tree_width: kangaroo_tree, kangaroo_tree_lookup: candidates per expanded node and nodes expanded per level.
         tree_nodes: kangaroo_tree(_lookup): most nodes verified a round (the cost model picks how many).
         tree_depth: kangaroo_tree(_lookup): most levels below the last committed token.

@@ -80,7 +80,7 @@ class SpecBenchSettings:
     pld_num_tokens: int
     pld_ngram_size: int
     prompt_lookup: int
-    skip_below: float
+    skip_below: float | None
     tree_width: int
     tree_nodes: int
     tree_depth: int
@@ -128,14 +128,15 @@ class SpecBenchSettings:
     def decoding(self, drafter: str) -> DecodingSettings:
         """The decoding settings of a method drafting with ``drafter`` (checked; errors name the options).
 
-        ``--threshold`` / ``--max_draft`` left open are checked at the defaults here (an artifact's recorded
-        values, which the run then uses, were checked when it was trained)."""
+        ``--threshold`` / ``--max_draft`` / ``--skip_below`` left open are checked at the defaults here (an
+        artifact's recorded values, which the run then uses, were checked when it was trained)."""
         defaults = DecodingSettings()
         return DecodingSettings.for_options(
             "--", max_new_tokens=self.max_new_tokens,
             threshold=defaults.threshold if self.threshold is None else self.threshold,
             max_draft=defaults.max_draft if self.max_draft is None else self.max_draft,
-            prompt_lookup=self.prompt_lookup, drafter=drafter, skip_below=self.skip_below,
+            prompt_lookup=self.prompt_lookup, drafter=drafter,
+            skip_below=defaults.skip_below if self.skip_below is None else self.skip_below,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
             tree_width=self.tree_width, tree_nodes=self.tree_nodes, tree_depth=self.tree_depth,
             cost_model=self.cost_model)
@@ -156,12 +157,13 @@ class Draft:
     exit_layer: int
     threshold: float
     max_draft: int
+    skip_below: float
 
 
 def resolve_draft(s: SpecBenchSettings) -> Draft:
     """The base model, exit layer and drafting rule: the artifact's, else ``--base_model`` + ``--exit_layer``
-    (default the embedded model at exit layer 1). ``--threshold`` / ``--max_draft`` default to the
-    decoding settings the artifact's training recorded, else :class:`DecodingSettings`' (0.6 / 6)."""
+    (default the embedded model at exit layer 1). ``--threshold`` / ``--max_draft`` / ``--skip_below`` default
+    to the artifact's recorded sizing or training settings, else :class:`DecodingSettings`' (0.6 / 6 / 0)."""
     from kangaroo_lit.decoding.session import recorded_decoding
 
     manifest = None
@@ -178,7 +180,8 @@ def resolve_draft(s: SpecBenchSettings) -> Draft:
                  exit_layer=manifest["exit_layer"] if manifest else (s.exit_layer if s.exit_layer is not None
                                                                      else DEFAULT_EXIT_LAYER),
                  threshold=recorded.threshold if s.threshold is None else s.threshold,
-                 max_draft=recorded.max_draft if s.max_draft is None else s.max_draft)
+                 max_draft=recorded.max_draft if s.max_draft is None else s.max_draft,
+                 skip_below=recorded.skip_below if s.skip_below is None else s.skip_below)
 
 
 def load_model(draft: Draft, dtype: str, device: torch.device):
@@ -350,7 +353,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                 "seed": s.seed, "threshold": draft.threshold, "max_draft": draft.max_draft,
                 "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size, "turns": s.turns,
-                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel, "skip_below": s.skip_below,
+                "prompt_lookup": s.prompt_lookup, "kernel": s.kernel, "skip_below": draft.skip_below,
                 "tree_width": s.tree_width, "tree_nodes": s.tree_nodes, "tree_depth": s.tree_depth,
                 "cost_model": file_sha256(s.cost_model) if s.cost_model else None}
     names = [m for m in METHOD_ORDER if m in (s.methods or DEFAULT_METHODS)]
@@ -373,7 +376,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
         methods = build_methods(model, eos, names, trained=draft.artifact is not None, threshold=draft.threshold,
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
                                 pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup,
-                                skip_below=s.skip_below, tree=s.decoding("tree"))
+                                skip_below=draft.skip_below, tree=s.decoding("tree"))
         conv = Conversations(renderer, tokenizer, s.max_new_tokens, s.sampling, s.seed, device)
         model_id = {m.name: f"{model_name(draft)}-{m.name}-{s.dtype}-temp-{s.temperature:g}" for m in methods}
         done = {run: {m.name: answer_files.read_answers(answer_files.answer_path(out_dir, run, m.name))
