@@ -258,3 +258,19 @@ def test_the_draft_decodes_with_its_recorded_sizing(tmp_path):
     assert (draft.threshold, draft.max_draft, draft.skip_below) == (0.85, 3, 0.05)
     draft = resolve_draft(dataclasses.replace(settings, threshold=0.3, skip_below=0.0))
     assert (draft.threshold, draft.max_draft, draft.skip_below) == (0.3, 3, 0.0)
+
+
+def test_a_folder_older_than_a_setting_resumes_at_its_default(tmp_path):
+    """specbench.json written before a setting existed (here the tree fields): resuming is allowed while the
+    setting is at its default, refused (naming it) otherwise; a recorded setting that differs is refused."""
+    from kangaroo_lit.specbench.runner import ANSWER_SETTINGS, STATE_FILE, check_out_dir
+
+    settings = {k: None for k in ANSWER_SETTINGS}
+    settings.update(threshold=0.6, max_draft=6, skip_below=0.0, tree_width=4, tree_nodes=7, tree_depth=6)
+    old = {k: v for k, v in settings.items() if not k.startswith("tree_")}
+    (tmp_path / STATE_FILE).write_text(json.dumps({"answer_settings": old}))
+    check_out_dir(tmp_path, settings, overwrite=False)
+    with pytest.raises(ConfigError, match="tree_width 'absent' there, 8 now"):
+        check_out_dir(tmp_path, {**settings, "tree_width": 8}, overwrite=False)
+    with pytest.raises(ConfigError, match="max_draft 6 there, 1 now"):
+        check_out_dir(tmp_path, {**settings, "max_draft": 1}, overwrite=False)

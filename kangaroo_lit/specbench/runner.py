@@ -202,7 +202,8 @@ def file_sha256(path: str | Path) -> str:
 
 def check_out_dir(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Answers already in ``out_dir`` must come from the same settings (``specbench.json`` says which);
-    checked before the model is loaded.
+    checked before the model is loaded. A setting the folder does not record (added to kangaroo_lit after
+    it was written) matches when it is at its default, the behaviour that folder's answers had.
 
     Raises:
         ConfigError: they were made with other settings (listed), and ``overwrite`` is not given.
@@ -214,8 +215,14 @@ def check_out_dir(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> N
         saved = json.loads(state.read_text()).get("answer_settings", {})
     except (json.JSONDecodeError, AttributeError):
         raise ConfigError(f"{state} is not a specbench state file; choose another --out_dir") from None
-    differ = [f"{k} {saved.get(k)!r} there, {settings[k]!r} now" for k in ANSWER_SETTINGS
-              if saved.get(k) != settings[k]]
+    defaults = asdict(DecodingSettings())
+
+    def same(key: str) -> bool:
+        if key not in saved:  # a setting newer than the folder: its answers were made as its default makes them
+            return settings[key] == defaults.get(key)
+        return saved[key] == settings[key]
+
+    differ = [f"{k} {saved.get(k, 'absent')!r} there, {settings[k]!r} now" for k in ANSWER_SETTINGS if not same(k)]
     if differ:
         raise ConfigError(f"--out_dir {out_dir} holds answers made with other settings ({'; '.join(differ)}); "
                           "choose another --out_dir, or pass --overwrite to delete them")
