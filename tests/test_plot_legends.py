@@ -35,7 +35,8 @@ def test_specbench_summary_legend_is_outside_the_bars(tmp_path, monkeypatch):
 
     methods = ["vanilla", "kangaroo", "kangaroo_lookup", "pld", "generate", "hf_early_exit"]
     groups = ["writing", "roleplay", "qa", "math", "rag", "summarization"]
-    results = {g: {m: {"speedup": stat(1.0 + 0.2 * j), "mat": stat(1.0 + 0.5 * j)} for j, m in enumerate(methods)}
+    results = {g: {m: {"speedup": stat(1.0 + 0.2 * j), "mat": stat(1.0 + 0.5 * j),
+                       "accept_rate": stat(0.1 * j) if j else None} for j, m in enumerate(methods)}
                for g in groups}
     summary = {"groups": groups, "methods": methods, "results": results}
     fig = drawn_figure(plot, monkeypatch, summary, tmp_path / "summary.png")

@@ -221,6 +221,10 @@ def test_sampling_has_no_identical_fraction_and_markdown_renders():
     assert s["results"]["overall"]["kangaroo"]["identical_fraction"] is None
     text = markdown(s, "heading", {"vanilla": "the baseline"})
     assert "| kangaroo | 2.000 | 1.714 | 1.778 |" in text
+    # acceptance per subtask (10/16, 25/30, 35/46); nothing drafted (vanilla) or unknown (HF's pld): "-"
+    acceptance = text.split("Acceptance (accepted / drafted")[1].split("Overall:")[0]
+    assert "| kangaroo | 0.625 | 0.833 | 0.761 |" in acceptance
+    assert "| vanilla | - | - | - |" in acceptance and "| pld | - | - | - |" in acceptance
     assert "* `vanilla`: the baseline" in text
 
 

@@ -155,11 +155,13 @@ def overall_rows(summary: dict[str, Any]) -> list[list[str]]:
 
 
 def markdown(summary: dict[str, Any], heading: str, descriptions: dict[str, str] | None = None) -> str:
-    """``summary.md``: a heading paragraph, speedup and MAT per subtask, the overall figures, the methods."""
+    """``summary.md``: a heading paragraph, speedup, MAT and acceptance per subtask, overall figures, methods."""
     parts = [heading, "", "Speedup over the vanilla loop (mean tokens/s ratio, DESIGN §3):", ""]
     parts.append(markdown_table(*metric_table(summary, "speedup", ".3f"), left=1))
     parts += ["", "MAT (new tokens per full-model pass):", ""]
     parts.append(markdown_table(*metric_table(summary, "mat", ".2f"), left=1))
+    parts += ["", "Acceptance (accepted / drafted tokens; `-`: nothing drafted):", ""]
+    parts.append(markdown_table(*metric_table(summary, "accept_rate", ".3f"), left=1))
     parts += ["", "Overall:", "", markdown_table(OVERALL_HEADER, overall_rows(summary), left=1)]
     if descriptions:
         parts += ["", "Methods:", ""] + [f"* `{m}`: {descriptions[m]}" for m in summary["methods"] if m in descriptions]
@@ -173,19 +175,21 @@ def markdown(summary: dict[str, Any], heading: str, descriptions: dict[str, str]
 
 
 def plot(summary: dict[str, Any], path: Path, title: str = "Spec-Bench") -> bool:
-    """Speedup and MAT per subtask, one bar per method; False (nothing written) without matplotlib."""
+    """Speedup, MAT and acceptance per subtask, one bar per method (error bars: std over runs); False (nothing
+    written) without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
     groups, methods = summary["groups"], summary["methods"]
-    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 0.8 * len(groups) * 2 + 2), 4.5))
+    panels = (("speedup", "speedup over vanilla"), ("mat", "MAT"), ("accept_rate", "acceptance (accepted / drafted)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(15.0, 0.8 * len(groups) * 3 + 3), 4.5))
     width = 0.8 / max(1, len(methods))
-    for ax, metric, label in ((axes[0], "speedup", "speedup over vanilla"), (axes[1], "mat", "MAT")):
+    for ax, (metric, label) in zip(axes, panels):
         for j, method in enumerate(methods):
             xs, ys, errs = [], [], []
             for i, group in enumerate(groups):
                 row = summary["results"][group].get(method)
-                if row and row[metric] is not None:
+                if row and row.get(metric) is not None:  # acceptance: None for vanilla, unknown for HF's methods
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(row[metric]["mean"])
                     errs.append(row[metric]["std"])
@@ -194,7 +198,7 @@ def plot(summary: dict[str, Any], path: Path, title: str = "Spec-Bench") -> bool
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
         ax.set_ylabel(label)
-    legend_outside(axes[-1])  # one legend for both panels, beside them (it covered the bars inside one)
+    legend_outside(axes[-1])  # one legend for every panel, beside them (it covered the bars inside one)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
