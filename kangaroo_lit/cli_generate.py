@@ -124,10 +124,10 @@ class GenerateOptions:
     def decoding_for(self, manifest: dict[str, Any] | None) -> DecodingSettings:
         """The decoding settings of these options with ``manifest``'s recorded chain sizing (threshold,
         max_draft, skip_below) where an option was not given."""
-        from kangaroo_lit.decoding.session import SIZING_FIELDS, recorded_decoding
+        from kangaroo_lit.decoding.session import recorded_sizing
 
-        recorded = recorded_decoding(manifest)
-        sizing = {k: getattr(recorded, k) if getattr(self, k) is None else getattr(self, k) for k in SIZING_FIELDS}
+        sizing = recorded_sizing(manifest, threshold=self.threshold, max_draft=self.max_draft,
+                                 skip_below=self.skip_below)
         return DecodingSettings.for_options(
             "--", max_new_tokens=self.max_new_tokens, prompt_lookup=self.prompt_lookup, drafter=self.drafter,
             **sizing, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,

@@ -165,3 +165,10 @@ def recorded_decoding(manifest: dict[str, Any] | None) -> DecodingSettings:
     known = {f.name for f in dataclasses.fields(DecodingSettings)}
     values = {k: v for k, v in recorded.items() if k in known}
     return DecodingSettings.for_options("decoding.", **values)
+
+
+def recorded_sizing(manifest: dict[str, Any] | None, **given: Any) -> dict[str, Any]:
+    """The chain sizing (:data:`SIZING_FIELDS`) to decode with: each value ``given`` that is not None (a flag
+    wins), else the one ``manifest`` records (:func:`recorded_decoding`), else :class:`DecodingSettings`' default."""
+    recorded = recorded_decoding(manifest)
+    return {k: getattr(recorded, k) if given.get(k) is None else given[k] for k in SIZING_FIELDS}

@@ -164,7 +164,7 @@ def resolve_draft(s: SpecBenchSettings) -> Draft:
     """The base model, exit layer and drafting rule: the artifact's, else ``--base_model`` + ``--exit_layer``
     (default the embedded model at exit layer 1). ``--threshold`` / ``--max_draft`` / ``--skip_below`` default
     to the artifact's recorded sizing or training settings, else :class:`DecodingSettings`' (0.6 / 6 / 0)."""
-    from kangaroo_lit.decoding.session import recorded_decoding
+    from kangaroo_lit.decoding.session import recorded_sizing
 
     manifest = None
     if s.artifact:
@@ -174,14 +174,12 @@ def resolve_draft(s: SpecBenchSettings) -> Draft:
         if s.exit_layer is not None and s.exit_layer != manifest["exit_layer"]:
             raise ConfigError(f"--exit_layer {s.exit_layer}: the artifact {s.artifact} was trained for exit layer "
                               f"{manifest['exit_layer']} (drop --exit_layer)")
-    recorded = recorded_decoding(manifest)  # the defaults without an artifact
+    sizing = recorded_sizing(manifest, threshold=s.threshold, max_draft=s.max_draft, skip_below=s.skip_below)
     return Draft(base_model=s.base_model or (manifest["base_model"] if manifest else DEFAULT_BASE_MODEL),
                  artifact=str(Path(s.artifact).resolve()) if s.artifact else None,
                  exit_layer=manifest["exit_layer"] if manifest else (s.exit_layer if s.exit_layer is not None
                                                                      else DEFAULT_EXIT_LAYER),
-                 threshold=recorded.threshold if s.threshold is None else s.threshold,
-                 max_draft=recorded.max_draft if s.max_draft is None else s.max_draft,
-                 skip_below=recorded.skip_below if s.skip_below is None else s.skip_below)
+                 **sizing)
 
 
 def load_model(draft: Draft, dtype: str, device: torch.device):
