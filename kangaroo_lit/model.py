@@ -15,6 +15,7 @@ The building blocks (:meth:`embed`, :meth:`rotary`, :meth:`run_layers`, :meth:`d
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -154,13 +155,16 @@ class KangarooModel(nn.Module):
                 if p.requires_grad:
                     p.data = p.data.to(trainable_dtype)
         self.base = base
+        # Scope "draft" after merge_lora_for_decoding: the draft path's own layers 0..L, LoRA merged in.
+        self.draft_layers: nn.ModuleList | None = None
+        self.lora_merged = False
 
     # ----------------------------------------------------------------------------------------------
     # Structure
     @property
     def causal_lm(self) -> PreTrainedModel:
-        """The HF ``...ForCausalLM`` (inside the PEFT wrapper when LoRA is on)."""
-        return self.base.get_base_model() if self.has_lora else self.base
+        """The HF ``...ForCausalLM`` (inside the PEFT wrapper while LoRA is on and not merged)."""
+        return self.base.get_base_model() if self.has_lora and not self.lora_merged else self.base
 
     @property
     def has_lora(self) -> bool:
@@ -268,7 +272,7 @@ class KangarooModel(nn.Module):
         the flags are put back right after each switch, before any layer runs: only the layers'
         disabled state changes, which is all their forward reads.
         """
-        if not self.has_lora or enabled:
+        if not self.has_lora or self.lora_merged or enabled:
             yield
             return
         # Toggle the LoRA layers directly rather than with PEFT's ``disable_adapter()``: that one first
@@ -292,6 +296,48 @@ class KangarooModel(nn.Module):
                 if on:
                     layer.enable_adapters(True)
             self._restore_requires_grad(flags)
+
+    def merge_lora_for_decoding(self) -> None:
+        """Fold LoRA into plain layers for decoding: the same two paths, without PEFT's work in every module.
+
+        PEFT computes each LoRA linear as the frozen layer plus two small matmuls, a dropout and a scaling,
+        and scope "draft" switches every LoRA layer off and on again around each verification: on a CPU,
+        at batch size 1, that Python costs about as much as the draft gains (BENCHMARKS.md, "Folding LoRA
+        for decoding"). After this call:
+
+        * scope ``"draft"``: the draft path runs its own copies of layers ``0..L`` with LoRA merged in
+          (:attr:`draft_layers`, L + 1 layers more in memory); the verifier runs the base's layers with
+          the LoRA modules removed (not merged), i.e. exactly the untouched base, so nothing the verifier
+          computes changes and decoding stays lossless with respect to it;
+        * scope ``"shared"``: LoRA is merged into layers ``0..L`` themselves (the verifying model is the
+          LoRA-merged one by definition, DESIGN.md §2).
+
+        A model built on a loaded HF model gives it back without LoRA modules. The draft's logits change
+        by rounding only (``W + s B A`` instead of ``x W + s x A B``). For inference only: the model must
+        be frozen, and is not meant to be trained or saved afterwards. A no-op without LoRA or when done.
+
+        Raises:
+            ValueError: a parameter still requires grad (a model being trained).
+        """
+        if not self.has_lora or self.lora_merged:
+            return
+        if any(p.requires_grad for p in self.parameters()):
+            raise ValueError("merge_lora_for_decoding: the model has trainable parameters; merge a frozen model only")
+        if self.lora_scope == "shared":
+            self.base = self.base.merge_and_unload()
+        else:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            copies = nn.ModuleList(copy.deepcopy(self.layers[i]) for i in range(self.exit_layer + 1))
+            for parent in list(copies.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, BaseTunerLayer):
+                        child.merge()
+                        setattr(parent, name, child.get_base_layer())
+            self.draft_layers = copies
+            self.base = self.base.unload()
+        self.lora_merged = True
+        self._lora_layers = self._lora_params = None
 
     def _restore_requires_grad(self, flags: list[bool]) -> None:
         for param, flag in zip(self._lora_params, flags):
@@ -369,6 +415,7 @@ class KangarooModel(nn.Module):
         padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         tree: TreeMask | None = None,
+        layers: nn.ModuleList | None = None,
     ) -> torch.Tensor:
         """Run decoder layers ``start..stop-1`` (with LoRA as currently enabled).
 
@@ -379,10 +426,12 @@ class KangarooModel(nn.Module):
             cache: a cache whose entries ``start..stop-1`` hold the past keys/values of those layers;
                 updated in place. Its length at layer ``start`` is taken as the past length.
             tree: the new tokens are draft-tree nodes attending as this says (B = 1; see :class:`TreeMask`).
+            layers: the layers to index (default the base's; :attr:`draft_layers` for a merged draft path).
 
         Returns:
             (B, T, d) output of layer ``stop - 1``.
         """
+        layers = self.layers if layers is None else layers
         if start >= stop:
             return hidden
         past_length = 0
@@ -391,7 +440,7 @@ class KangarooModel(nn.Module):
         masks = self._masks(hidden.shape[1], past_length, padding_mask, hidden.dtype, hidden.device, tree)
         position_embeddings = self.rotary(hidden, position_ids)
         for idx in range(start, stop):
-            out = self.layers[idx](
+            out = layers[idx](
                 hidden,
                 attention_mask=masks[self._layer_types[idx]],
                 position_ids=position_ids,
@@ -415,6 +464,9 @@ class KangarooModel(nn.Module):
 
         Returns (B, T, d) = ``hidden_states[L + 1]`` of the path chosen.
         """
+        if draft and self.draft_layers is not None:  # LoRA merged into the draft path's own copies
+            return self.run_layers(hidden, 0, self.exit_layer + 1, position_ids, padding_mask, cache, tree,
+                                   layers=self.draft_layers)
         use_lora = draft or self.lora_scope == "shared"
         with self.lora_enabled(use_lora):
             return self.run_layers(hidden, 0, self.exit_layer + 1, position_ids, padding_mask, cache, tree)

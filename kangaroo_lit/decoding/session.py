@@ -91,7 +91,8 @@ def load_for_decoding(
         device: where to put it (default CPU).
 
     Returns:
-        A :class:`LoadedForDecoding` (model, tokenizer, base_path, manifest).
+        A :class:`LoadedForDecoding` (model, tokenizer, base_path, manifest); an artifact's LoRA is folded
+        into plain layers for decoding (:meth:`KangarooModel.merge_lora_for_decoding`).
 
     Raises:
         ConfigError: neither an artifact nor a base model, a plain base without ``exit_layer``, an exit
@@ -119,12 +120,14 @@ def _from_artifact(artifact: Path, base_model, exit_layer, dtype, device) -> Loa
                           f"{manifest['exit_layer']} (leave the exit layer out)")
     if isinstance(base_model, PreTrainedModel):
         model = load_artifact(artifact, dtype=dtype, base_model=base_model)
+        model.merge_lora_for_decoding()  # also gives the caller's model back without LoRA modules
         base_path = str(getattr(base_model, "name_or_path", "") or "")
         return LoadedForDecoding(model, _tokenizer_of_loaded(base_model, manifest["base_model"]), base_path, manifest)
     # The tokenizer first: quick to load, or to fail.
     base_path = _resolve(base_model or manifest["base_model"])
     tokenizer = _tokenizer_of(base_path)
     model = load_artifact(artifact, dtype=dtype, device=None if device is None else str(device), base_model=base_model)
+    model.merge_lora_for_decoding()
     return LoadedForDecoding(model, tokenizer, base_path, manifest)
 
 
