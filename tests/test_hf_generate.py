@@ -189,3 +189,19 @@ def test_the_shipped_drafts_custom_generate_is_the_one_export_writes():
     assert shipped
     for path in shipped:
         assert path.read_text() == GENERATE_PY, f"{path} differs from what export writes"
+
+
+def test_two_drafts_with_lora_on_one_loaded_model(artifacts, tmp_path):
+    """Loading folds each draft's LoRA into its own layers, so a second draft on the same model is fine."""
+    model_dir, first = artifacts["llama"]
+    _, _, second = exported_artifact(model_dir, tmp_path, max_steps=5)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
+    reference = base.generate(PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=None)
+    for artifact in (first, second, first):
+        out = base.generate(PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                            custom_generate=str(artifact), trust_remote_code=True)
+        assert out.tolist() == reference.tolist()
+    drafts = base.__dict__["_kangaroo_drafts"]
+    assert len(drafts) == 2 and all(d.model.lora_merged for d in drafts.values())
+    first_layers, second_layers = (d.model.draft_layers for d in drafts.values())
+    assert not torch.equal(first_layers[0].self_attn.q_proj.weight, second_layers[0].self_attn.q_proj.weight)

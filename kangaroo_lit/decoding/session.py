@@ -92,7 +92,8 @@ def load_for_decoding(
 
     Returns:
         A :class:`LoadedForDecoding` (model, tokenizer, base_path, manifest); an artifact's LoRA is folded
-        into plain layers for decoding (:meth:`KangarooModel.merge_lora_for_decoding`).
+        into plain layers for decoding (:meth:`KangarooModel.merge_lora_for_decoding`), except a shared-scope
+        LoRA on a given loaded model (folding it would change that model's own weights).
 
     Raises:
         ConfigError: neither an artifact nor a base model, a plain base without ``exit_layer``, an exit
@@ -120,7 +121,8 @@ def _from_artifact(artifact: Path, base_model, exit_layer, dtype, device) -> Loa
                           f"{manifest['exit_layer']} (leave the exit layer out)")
     if isinstance(base_model, PreTrainedModel):
         model = load_artifact(artifact, dtype=dtype, base_model=base_model)
-        model.merge_lora_for_decoding()  # also gives the caller's model back without LoRA modules
+        if model.lora_scope != "shared":  # a shared LoRA would be merged into the caller's own weights
+            model.merge_lora_for_decoding()  # the caller's model comes back without LoRA modules
         base_path = str(getattr(base_model, "name_or_path", "") or "")
         return LoadedForDecoding(model, _tokenizer_of_loaded(base_model, manifest["base_model"]), base_path, manifest)
     # The tokenizer first: quick to load, or to fail.

@@ -71,17 +71,23 @@ def _artifact_directory(source: Any) -> Path:
 def draft_on(model: PreTrainedModel, artifact_dir: Path) -> Draft:
     """The draft of ``artifact_dir`` built on ``model`` (once; kept on the model for later calls).
 
+    Drafts of several artifacts may share one model: loading folds a draft-scoped LoRA into the draft's own
+    copies of the shallow layers and leaves the model without LoRA modules
+    (:meth:`~kangaroo_lit.model.KangarooModel.merge_lora_for_decoding`).
+
     Raises:
-        ConfigError: the model already carries another draft with LoRA (PEFT would stack a second).
+        ConfigError: the model carries the unmerged LoRA of a ``lora.scope: shared`` draft and this
+            artifact has LoRA too (PEFT would stack a second).
     """
     drafts: dict[str, Draft] = model.__dict__.setdefault(_DRAFTS_ATTRIBUTE, {})  # not a submodule: plain dict
     key = str(artifact_dir)
     if key not in drafts:
         from kangaroo_lit.artifact import read_manifest
 
-        if read_manifest(artifact_dir)["lora"] and any(d.model.has_lora for d in drafts.values()):
+        unmerged = [name for name, d in drafts.items() if d.model.has_lora and not d.model.lora_merged]
+        if read_manifest(artifact_dir)["lora"] and unmerged:
             raise ConfigError(f"{artifact_dir}: this model already carries the LoRA of another draft "
-                              f"({', '.join(drafts)}); load the base model again for a second draft with LoRA")
+                              f"({', '.join(unmerged)}); load the base model again for a second draft with LoRA")
         drafts[key] = load_draft(artifact_dir, base_model=model)
     return drafts[key]
 
