@@ -63,8 +63,10 @@ class GenerateOptions:
         tree_width: --drafter tree: candidates per expanded node and nodes expanded per level (>= 1).
         tree_nodes: --drafter tree: most nodes verified a round (>= 1; the cost model picks how many).
         tree_depth: --drafter tree: most levels below the last committed token (>= 1).
-        cost_model: --drafter tree: a ``bench cost_model`` JSON report (decode_cost_*.json) of this device to
-            size trees by (default: the built-in table for the device and --kernel).
+        cost_model: a ``bench cost_model`` JSON report (decode_cost_*.json) of this device to size trees and
+            lookup windows by (default: the built-in table for the device and --kernel).
+        lookup_window: with --prompt_lookup: cost (each round verifies as many copied tokens as the cost model
+            and the running acceptance say pay) or fixed (all the match offers, up to --prompt_lookup).
         kernel: linear layers over <= 8 rows: ``eager`` (``F.linear``) or ``streaming`` (a CPU float32 kernel
             that verifies several tokens for about the price of one; compiled on first use).
         compare_vanilla: also decode with the vanilla loop: speedup and whether outputs are identical.
@@ -95,6 +97,7 @@ class GenerateOptions:
     tree_nodes: int = 7
     tree_depth: int = 6
     cost_model: str | None = None
+    lookup_window: Literal["cost", "fixed"] = "cost"
     kernel: Literal["eager", "streaming"] = "eager"
     compare_vanilla: bool = False
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -132,7 +135,7 @@ class GenerateOptions:
             "--", max_new_tokens=self.max_new_tokens, prompt_lookup=self.prompt_lookup, drafter=self.drafter,
             **sizing, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
             tree_width=self.tree_width, tree_nodes=self.tree_nodes, tree_depth=self.tree_depth,
-            cost_model=self.cost_model)
+            cost_model=self.cost_model, lookup_window=self.lookup_window)
 
     def _check_device(self) -> None:
         if self.device == "auto":

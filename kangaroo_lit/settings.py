@@ -178,6 +178,7 @@ KERNELS = ("eager", "streaming")
 # Where drafts come from (kangaroo_lit.decoding.drafters): the trained adapter (with prompt lookup where it
 # matches, when prompt_lookup > 0), or prompt lookup alone.
 DRAFTER_KINDS = ("adapter", "lookup", "tree")
+LOOKUP_WINDOWS = ("cost", "fixed")
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,11 @@ class DecodingSettings:
         tree_width: ``tree`` drafter: candidates per expanded node and nodes expanded per level (>= 1).
         tree_nodes: ``tree`` drafter: most nodes verified a round (>= 1; the cost model picks how many).
         tree_depth: ``tree`` drafter: most levels below the last committed token (>= 1).
-        cost_model: ``tree`` drafter: a ``bench cost_model`` JSON report (``decode_cost_*.json``) of the
-            device to size trees by; None = the built-in table for the device and kernel.
+        cost_model: a ``bench cost_model`` JSON report (``decode_cost_*.json``) of the device to size trees
+            and lookup windows by; None = the built-in table for the device and kernel.
+        lookup_window: ``cost`` (each round verifies as many of the ``prompt_lookup`` copied tokens as the cost
+            model and this output's running acceptance say pay, possibly none) or ``fixed`` (all the match
+            offers, up to ``prompt_lookup``).
     """
 
     FREE_ON_RESUME: ClassVar[bool] = True  # a resumed training run may change how it decodes
@@ -227,6 +231,7 @@ class DecodingSettings:
     tree_nodes: int = 7
     tree_depth: int = 6
     cost_model: str | None = None
+    lookup_window: Literal["cost", "fixed"] = "cost"
 
     def __post_init__(self) -> None:
         self.check("decoding.")
@@ -261,6 +266,8 @@ class DecodingSettings:
                 raise bad(name, ">= 1")
         if self.kernel not in KERNELS:
             raise bad("kernel", f"one of {', '.join(KERNELS)}")
+        if self.lookup_window not in LOOKUP_WINDOWS:
+            raise bad("lookup_window", f"one of {', '.join(LOOKUP_WINDOWS)}")
         if self.kernel == "streaming":
             drafted = {"adapter": self.max_draft, "tree": self.tree_nodes, "lookup": 0}[self.drafter]
             rows = 1 + max(self.prompt_lookup, drafted)
@@ -298,11 +305,18 @@ class DecodingSettings:
         return make_drafter(self.drafter, self.threshold, self.max_draft, self.prompt_lookup, prompt_lookup_ngram,
                             skip_below=self.skip_below, tree_width=self.tree_width, tree_nodes=self.tree_nodes,
                             tree_depth=self.tree_depth,
-                            cost=self.decode_cost(model) if self.drafter == "tree" else None)
+                            cost=self.decode_cost(model) if self.drafter == "tree" else None,
+                            lookup_cost=self.lookup_cost(model))
+
+    def lookup_cost(self, model=None):
+        """The cost model prompt lookup sizes its window by (:meth:`decode_cost`); None without lookup or with
+        ``lookup_window: fixed``."""
+        return self.decode_cost(model) if self.prompt_lookup and self.lookup_window == "cost" else None
 
     def decode_cost(self, model=None):
-        """The :class:`~kangaroo_lit.decoding.cost.DecodeCost` trees are sized by: ``cost_model``'s report for
-        the model's exit layer, else the built-in table of the model's device (CPU without a model)."""
+        """The :class:`~kangaroo_lit.decoding.cost.DecodeCost` trees and lookup windows are sized by:
+        ``cost_model``'s report for the model's exit layer, else the built-in table of the model's device
+        and kernel (CPU without a model)."""
         from kangaroo_lit.decoding.cost import DecodeCost, default_cost
 
         if self.cost_model:

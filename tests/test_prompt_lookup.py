@@ -123,8 +123,13 @@ def test_draft_path_catches_up_after_lookup_rounds(mode, tiny_model_dirs):
 
 # About 70 s on 2 loaded cores: slow tier, as the restricted-head distribution test.
 @pytest.mark.slow
-def test_sampling_with_prompt_lookup_matches_full_model_distribution():
-    """Prompt [1, 5, 7, 1, 5]: the first round copies 7, ... (n-gram (1, 5)); tokens vary after it."""
+@pytest.mark.parametrize("sized", [False, True], ids=["fixed-window", "cost-sized-window"])
+def test_sampling_with_prompt_lookup_matches_full_model_distribution(sized):
+    """Prompt [1, 5, 7, 1, 5]: the first round copies 7, ... (n-gram (1, 5)); tokens vary after it. Sized by a
+    cost model, the window of a round depends on what earlier rounds accepted: still exact."""
+    from kangaroo_lit.decoding import make_drafter
+    from kangaroo_lit.decoding.cost import DecodeCost
+
     prompt = [1, 5, 7, 1, 5]
     first = 3
     sampling = SamplingConfig(temperature=1.0, top_k=3)
@@ -138,8 +143,9 @@ def test_sampling_with_prompt_lookup_matches_full_model_distribution():
             lookups["accepted"] += info.accepted
             lookups["rejected"] += info.accepted < len(info.drafted)
 
-    decoder = SelfSpeculativeDecoder(model, threshold=0.0, max_draft=2, on_round=note, prompt_lookup=3,
-                                     prompt_lookup_ngram=(1, 2))
+    cost = DecodeCost(draft_step=0.1, verify={2: 1.05, 4: 1.4}) if sized else None
+    decoder = SelfSpeculativeDecoder(model, on_round=note, drafter=make_drafter(
+        "adapter", 0.0, 2, prompt_lookup=3, prompt_lookup_ngram=(1, 2), lookup_cost=cost))
     generator = torch.Generator().manual_seed(3)
     counts: Counter = Counter()
     for _ in range(2500):
@@ -148,3 +154,107 @@ def test_sampling_with_prompt_lookup_matches_full_model_distribution():
     assert lookups["accepted"] > 0 and lookups["rejected"] > 0, lookups
     tv = total_variation(counts, exact)
     assert tv < BOUND, f"TV {tv:.3f} between speculative sampling with prompt lookup and the full model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The window sized by the cost model (LookupDrafter with a DecodeCost)
+
+
+def _proposal(size: int):
+    from kangaroo_lit.decoding.drafters import Proposal
+
+    return Proposal(tokens=torch.zeros(1, size, dtype=torch.long), probs=None, source="lookup")
+
+
+def test_running_acceptance_rates_count_each_judged_copy():
+    from kangaroo_lit.decoding.cost import DecodeCost
+    from kangaroo_lit.decoding.drafters import LookupDrafter
+
+    drafter = LookupDrafter(3, cost=DecodeCost(draft_step=0.1, verify={2: 1.0, 4: 1.0}))
+    assert drafter.acceptance_rates() == [0.5, 0.5, 0.5]  # the prior, before any round
+    for accepted in (3, 1, 0, 3):
+        drafter.update(_proposal(3), accepted)
+    # copy 1 judged in 4 rounds, kept in 3; copy 2 judged in 3 (after an accepted copy 1), kept in 2;
+    # copy 3 judged in 2, kept in 2; each shrunk toward the rate before it, worth 2 rounds.
+    r1 = (3 + 2 * 0.5) / (4 + 2)
+    r2 = (2 + 2 * r1) / (3 + 2)
+    r3 = (2 + 2 * r2) / (2 + 2)
+    assert drafter.acceptance_rates() == pytest.approx([r1, r2, r3])
+    drafter.update(_proposal(1), 0)  # a one-token proposal judges copy 1 only
+    assert drafter.judged == [5, 3, 2] and drafter.kept == [3, 2, 2]
+    drafter.start()
+    assert drafter.acceptance_rates() == [0.5, 0.5, 0.5]
+
+
+def test_window_follows_cost_and_acceptance():
+    from kangaroo_lit.decoding.cost import DecodeCost
+    from kangaroo_lit.decoding.drafters import LookupDrafter
+
+    flat = LookupDrafter(7, cost=DecodeCost(draft_step=0.1, verify={2: 1.0, 8: 1.0}))  # a GPU's v_k
+    steep = LookupDrafter(7, cost=DecodeCost(draft_step=0.1, verify={2: 1.1, 8: 2.5}))  # a loaded CPU core's
+    assert flat.window(7) == 7 and flat.window(3) == 3  # verifying more costs nothing: all the match offers
+    assert 0 < steep.window(7) < 7  # at the prior's 1/2 a few copies pay, not seven
+    for _ in range(30):  # copies that always fail: no window pays
+        steep.update(_proposal(1), 0)
+    assert steep.window(7) == 0
+    steep.start()
+    for _ in range(30):  # copies that always hold: the whole match pays, however steep
+        steep.update(_proposal(7), 7)
+    assert steep.window(7) == 7 and steep.window(2) == 2
+
+
+@pytest.mark.parametrize("arch_index", range(len(ARCHITECTURES)), ids=ARCHITECTURES)
+def test_greedy_with_cost_sized_lookup_windows_equals_generate(arch_index, tiny_model_dirs):
+    """Windows of every size, none included, with lookup alone and with the adapter; the output stays
+    exact, and a drafter reused for a second output decodes it exactly as a fresh one (``start``)."""
+    from kangaroo_lit.decoding import make_drafter
+    from kangaroo_lit.decoding.cost import DecodeCost
+
+    arch = ARCHITECTURES[arch_index]
+    rng = random.Random(300 + arch_index)
+    # A loaded CPU core's costs (most matches pay a few copies) and steeper ones (some pay nothing).
+    costs = [DecodeCost(draft_step=0.15, verify={2: 1.05, 4: 1.4, 8: 2.4}),
+             DecodeCost(draft_step=0.15, verify={2: 1.6, 4: 2.2, 8: 3.5})]
+    windows: Counter = Counter()
+    for m, mode in enumerate(("off", "draft", "shared")):
+        model = build_decoding_model(tiny_model_dirs[arch], (arch_index + m) % 3, mode, seed=arch_index * 3 + m)
+        for case in range(3):
+            ids = repetitive_prompt(rng, model.config.vocab_size)
+            max_new = rng.randint(12, 24)
+            reference = greedy_reference(model, ids, max_new)
+            for kind, cost in zip(("lookup", "adapter"), costs if case % 2 else costs[::-1]):
+                drafter = make_drafter(kind, 0.0, 2, prompt_lookup=7, prompt_lookup_ngram=(1, 3), lookup_cost=cost)
+                lookup = drafter if kind == "lookup" else drafter.lookup
+                def recorded(offered, sized=lookup.window):
+                    k = sized(offered)
+                    windows[(offered, k)] += 1
+                    return k
+
+                lookup.window = recorded
+                decoder = SelfSpeculativeDecoder(model, drafter=drafter)
+                first = decoder.generate(ids, max_new)
+                assert first.tokens == reference, (arch, mode, case, kind)
+                again = decoder.generate(ids, max_new)
+                fresh = SelfSpeculativeDecoder(model, drafter=make_drafter(
+                    kind, 0.0, 2, prompt_lookup=7, prompt_lookup_ngram=(1, 3), lookup_cost=cost)).generate(ids, max_new)
+                assert again.tokens == reference
+                assert again.accept_lengths == fresh.accept_lengths == first.accept_lengths
+    chosen = Counter(k for (offered, k), n in windows.items() for _ in range(n))
+    assert chosen[0] > 0, windows  # some matches were not worth verifying
+    assert any(0 < k < offered for offered, k in windows), windows  # some were cut short
+    assert any(k == offered > 1 for offered, k in windows), windows  # some were verified whole
+
+
+def test_a_closed_window_is_tried_again_after_a_run_of_closed_matches():
+    from kangaroo_lit.decoding.cost import DecodeCost
+    from kangaroo_lit.decoding.drafters import DecodingState, LookupDrafter
+
+    drafter = LookupDrafter(4, ngram=(1, 3), cost=DecodeCost(draft_step=0.1, verify={2: 1.3, 8: 3.0}))
+    for _ in range(30):
+        drafter.update(_proposal(1), 0)  # copies that failed: the window is closed
+    committed = torch.tensor([[5, 6, 7, 8, 5, 6, 7]])  # "5 6 7" occurred before: the match offers "8 5 6 7"
+    state = DecodingState(caches={}, committed=committed, pending_ids=committed[:, :0],
+                          pending_hidden=torch.zeros(1, 0, 4))
+    rounds = 2 * (drafter.EXPLORE_AFTER + 1)
+    sizes = [drafter.propose(None, state, 8, SamplingConfig(), None).size for _ in range(rounds)]
+    assert sizes == ([0] * drafter.EXPLORE_AFTER + [1]) * 2

@@ -278,3 +278,18 @@ def test_a_folder_older_than_a_setting_resumes_at_its_default(tmp_path):
         check_out_dir(tmp_path, {**settings, "tree_width": 8}, overwrite=False)
     with pytest.raises(ConfigError, match="max_draft 6 there, 1 now"):
         check_out_dir(tmp_path, {**settings, "max_draft": 1}, overwrite=False)
+
+
+def test_a_folder_older_than_the_sized_lookup_window_resumes_with_the_fixed_one(tmp_path):
+    """Lookup windows were fixed before ``lookup_window`` existed (whose default is now ``cost``): a folder that
+    does not record it resumes with ``--lookup_window fixed`` only."""
+    from kangaroo_lit.specbench.runner import ANSWER_SETTINGS, STATE_FILE, check_out_dir
+
+    assert "lookup_window" in ANSWER_SETTINGS
+    settings = {k: None for k in ANSWER_SETTINGS}
+    settings.update(threshold=0.6, max_draft=6, skip_below=0.0, lookup_window="fixed")
+    old = {k: v for k, v in settings.items() if k != "lookup_window"}
+    (tmp_path / STATE_FILE).write_text(json.dumps({"answer_settings": old}))
+    check_out_dir(tmp_path, settings, overwrite=False)
+    with pytest.raises(ConfigError, match="lookup_window 'absent' there, 'cost' now"):
+        check_out_dir(tmp_path, {**settings, "lookup_window": "cost"}, overwrite=False)

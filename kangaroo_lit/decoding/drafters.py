@@ -153,7 +153,12 @@ class Drafter(ABC):
 
     def update(self, proposal: Proposal, accepted: int) -> None:
         """Told how many of ``proposal``'s tokens the full model accepted (adaptive drafters learn here)."""
-        del proposal, accepted  # the drafters here do not adapt
+        del proposal, accepted  # most drafters do not adapt
+
+    def start(self) -> None:
+        """Called when a generation starts: a drafter that learns from the rounds forgets here what it
+        learnt from another output, so that each output is decoded alike whatever came before it."""
+        return  # most drafters keep nothing between rounds
 
 
 class AdapterDrafter(Drafter):
@@ -236,26 +241,86 @@ class LookupDrafter(Drafter):
     else resampled from ``p`` without ``d``), so sampling stays exact. Copies have not been through
     the draft path; they join its pending positions, which the next adapter step takes in.
 
+    With a cost model the window is sized every round, as the adapter's chains are: of the ``m`` tokens
+    the match offers it verifies the ``k <= m`` that maximise the expected tokens per unit of cost,
+    ``(1 + sum_{i<=k} prod_{j<=i} r_j) / v_{k+1}``, where ``r_j`` is the running rate at which the j-th
+    copied token was accepted when every copy before it was (this output's rounds so far, shrunk toward
+    ``r_{j-1}``, and ``r_1`` toward 1/2, while they are few). ``k = 0`` verifies nothing: a plain step,
+    or the adapter's round under :class:`LookupThenAdapter`; after :attr:`EXPLORE_AFTER` matches in a row
+    sized so, one copied token is verified anyway, so that a window that early failures closed can reopen
+    when the output turns to quoting its context. Where verifying k tokens costs about one step
+    (a GPU) that is the whole match; on a CPU core, where ``v_8`` is 1.6-2.4 steps, it is shorter where
+    copies fail and longer where they hold (BENCHMARKS.md, "Prompt lookup's window, sized by the cost
+    model").
+
     Args:
         max_tokens: most tokens copied per round (>= 1).
         ngram: ``(min, max)`` n-gram sizes matched; the longest match wins.
+        cost: the :class:`~kangaroo_lit.decoding.cost.DecodeCost` to size the window by; None copies
+            ``max_tokens`` whenever the match offers them.
     """
 
     uses_draft_path = False
+    # The running rates start at 1/2 for the first copied token, and a later position at the rate of the
+    # one before it, each worth this many rounds until rounds of its own outweigh it.
+    PRIOR_RATE = 0.5
+    PRIOR_ROUNDS = 2.0
+    EXPLORE_AFTER = 8
 
-    def __init__(self, max_tokens: int, ngram: tuple[int, int] = (2, 3)):
+    def __init__(self, max_tokens: int, ngram: tuple[int, int] = (2, 3), cost=None):
         if max_tokens < 1:
             raise ValueError(f"prompt lookup needs max_tokens >= 1, got {max_tokens}")
         if not 1 <= ngram[0] <= ngram[1]:
             raise ValueError(f"prompt_lookup_ngram must be (min, max) with 1 <= min <= max, got {ngram}")
         self.max_tokens = max_tokens
         self.ngram = tuple(ngram)
+        self.cost = cost
+        self.start()
+
+    def start(self) -> None:
+        # judged[j]: rounds in which copied token j + 1 was judged (every copy before it accepted);
+        # kept[j]: of those, the rounds that accepted it.
+        self.judged = [0] * self.max_tokens
+        self.kept = [0] * self.max_tokens
+        self.closed = 0  # matches in a row whose window was 0
+
+    def acceptance_rates(self) -> list[float]:
+        """``[r_1, ..., r_max_tokens]``: the running rate at which copied token j was accepted when every
+        copy before it was."""
+        rates, prior = [], self.PRIOR_RATE
+        for judged, kept in zip(self.judged, self.kept):
+            prior = (kept + self.PRIOR_ROUNDS * prior) / (judged + self.PRIOR_ROUNDS)
+            rates.append(prior)
+        return rates
+
+    def window(self, offered: int) -> int:
+        """How many of ``offered`` copied tokens to verify (0..offered): the cost model's best (see above)."""
+        best_k, best_value = 0, 1.0 / self.cost.verify_cost(1)
+        expected, reach = 0.0, 1.0
+        for k, rate in enumerate(self.acceptance_rates()[:offered], start=1):
+            reach *= rate
+            expected += reach
+            value = (1.0 + expected) / self.cost.verify_cost(k + 1)
+            if value > best_value:
+                best_k, best_value = k, value
+        return best_k
 
     def propose(self, model, state, budget, sampling, generator) -> Proposal:
         copied = lookup_continuation(state.committed[0], max(1, min(self.max_tokens, budget)), *self.ngram)
+        if self.cost is not None and copied.numel():
+            k = self.window(copied.numel())
+            self.closed = self.closed + 1 if k == 0 else 0
+            if self.closed > self.EXPLORE_AFTER:
+                k, self.closed = 1, 0
+            copied = copied[:k]
         if not copied.numel():
             return empty_proposal(state)
         return Proposal(tokens=copied[None], probs=None, source="lookup")  # q: point masses
+
+    def update(self, proposal: Proposal, accepted: int) -> None:
+        for j in range(min(proposal.size, accepted + 1)):  # the copies judged: the accepted ones and the first miss
+            self.judged[j] += 1
+            self.kept[j] += j < accepted
 
 
 class LookupThenAdapter(Drafter):
@@ -274,11 +339,15 @@ class LookupThenAdapter(Drafter):
     def update(self, proposal: Proposal, accepted: int) -> None:
         (self.lookup if proposal.source == "lookup" else self.adapter).update(proposal, accepted)
 
+    def start(self) -> None:
+        self.lookup.start()
+        self.adapter.start()
+
 
 def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int = 6, prompt_lookup: int = 0,
                  prompt_lookup_ngram: tuple[int, int] = (2, 3),
                  draft_logits_fn: DraftLogitsFn | None = None, skip_below: float = 0.0, tree_width: int = 4,
-                 tree_nodes: int = 7, tree_depth: int = 6, cost=None) -> Drafter:
+                 tree_nodes: int = 7, tree_depth: int = 6, cost=None, lookup_cost=None) -> Drafter:
     """The drafter for a decoding configuration.
 
     Args:
@@ -291,6 +360,8 @@ def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int =
         tree_width, tree_nodes, tree_depth: the tree drafter's ``width``, ``max_nodes``, ``max_depth``.
         cost: the tree drafter's :class:`~kangaroo_lit.decoding.cost.DecodeCost` (default: the CPU table
             of the eager kernel).
+        lookup_cost: the cost model prompt lookup sizes its window by (:class:`LookupDrafter`); None: a
+            fixed window of ``prompt_lookup`` tokens.
 
     Raises:
         ValueError: an unknown kind or an inconsistent setting.
@@ -309,7 +380,7 @@ def make_drafter(kind: str = "adapter", threshold: float = 0.6, max_draft: int =
     else:
         adapter = AdapterDrafter(threshold, max_draft, draft_logits_fn, skip_below)
     if kind == "lookup":
-        return LookupDrafter(prompt_lookup, prompt_lookup_ngram)
+        return LookupDrafter(prompt_lookup, prompt_lookup_ngram, lookup_cost)
     if prompt_lookup:
-        return LookupThenAdapter(LookupDrafter(prompt_lookup, prompt_lookup_ngram), adapter)
+        return LookupThenAdapter(LookupDrafter(prompt_lookup, prompt_lookup_ngram, lookup_cost), adapter)
     return adapter

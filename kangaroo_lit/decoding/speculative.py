@@ -254,6 +254,7 @@ class SelfSpeculativeDecoder:
         eos = eos_set(eos_token_id)
         device = input_ids.device
         result = DecodeResult()
+        self.drafter.start()
         with torch.inference_mode():
             synchronize(device)
             start = time.perf_counter()

@@ -58,6 +58,7 @@ def specbench(
     tree_nodes: int = 7,
     tree_depth: int = 6,
     cost_model: str | None = None,
+    lookup_window: Literal["cost", "fixed"] = "cost",
     kernel: Literal["eager", "streaming"] = "eager",
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
     device: str = "auto",
@@ -104,8 +105,12 @@ def specbench(
         tree_width: kangaroo_tree, kangaroo_tree_lookup: candidates per expanded node and nodes expanded per level.
         tree_nodes: kangaroo_tree(_lookup): most nodes verified a round (the cost model picks how many).
         tree_depth: kangaroo_tree(_lookup): most levels below the last committed token.
-        cost_model: kangaroo_tree(_lookup): a ``bench cost_model`` JSON report (decode_cost_*.json) of this device
-            to size trees by (default: the built-in table for the device and --kernel).
+        cost_model: a ``bench cost_model`` JSON report (decode_cost_*.json) of this device to size trees
+            (kangaroo_tree, kangaroo_tree_lookup) and lookup windows by (default: the built-in table for the device
+            and --kernel).
+        lookup_window: lookup, kangaroo_lookup, kangaroo_tree_lookup: cost (each round verifies as many of the
+            --prompt_lookup copied tokens as the cost model and the running acceptance say pay) or fixed (all the
+            match offers). HF's prompt lookup (pld, pld7) has no such rule: size it with --pld_num_tokens.
         kernel: linear layers over <= 8 rows: eager (``F.linear``) or streaming (the CPU kernel of
             :mod:`kangaroo_lit.kernels.streaming_linear`, float32); every method, the baseline too, decodes with it.
         dtype: dtype of the whole model.
@@ -126,7 +131,7 @@ def specbench(
         top_p=top_p, top_k=top_k, seed=seed, threshold=threshold, max_draft=max_draft,
         pld_num_tokens=pld_num_tokens, pld_ngram_size=pld_ngram_size, prompt_lookup=prompt_lookup,
         skip_below=skip_below, tree_width=tree_width, tree_nodes=tree_nodes, tree_depth=tree_depth,
-        cost_model=cost_model, kernel=kernel, dtype=dtype, device=device, runs=runs,
+        cost_model=cost_model, lookup_window=lookup_window, kernel=kernel, dtype=dtype, device=device, runs=runs,
         warmup=warmup, threads=threads, out_dir=out_dir, overwrite=overwrite, progress=progress))
 
 

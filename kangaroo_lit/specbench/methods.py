@@ -13,8 +13,9 @@ loop's tokens:
 ``pld7``            the same with 7 proposed tokens (8-row verification windows: within the
                     streaming kernel's limit, like ``--prompt_lookup 7``); only when asked for
 ``lookup``          prompt lookup alone in this project's decoder (no draft path; a round without a
-                    match is a plain one-token step): what ``kangaroo_lookup`` gains over it is the
-                    draft's
+                    match is a plain one-token step; ``--lookup_window cost``, the default, verifies
+                    as many copied tokens as the cost model says pay): what ``kangaroo_lookup`` gains
+                    over it is the draft's
 ``hf_early_exit``   HF's LayerSkip-style self-speculation, ``assistant_early_exit=L + 1``: the first
                     ``L + 1`` layers (``0..L``, our exit layer ``L``) + final norm + ``lm_head`` draft,
                     with the same drafting rule as Kangaroo (at most ``max_draft`` drafts, a round
@@ -26,7 +27,8 @@ loop's tokens:
                     ``lm_head`` on ``hidden_states[L + 1]``), when no artifact is given
 ``kangaroo_lookup`` the trained draft plus prompt lookup: a round whose last n-gram occurred
                     earlier in the context copies what followed it (at most ``prompt_lookup``
-                    tokens), else the adapter drafts (:mod:`kangaroo_lit.decoding.prompt_lookup`)
+                    tokens, sized as for ``lookup``), else the adapter drafts
+                    (:mod:`kangaroo_lit.decoding.prompt_lookup`)
 ==================  ===========================================================================
 
 What HF ``generate`` cannot report: the tokens each target pass produced (``accept_lengths``) are not
@@ -226,22 +228,27 @@ def cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
 
 def build_methods(model: KangarooModel, eos: list[int], names: list[str], trained: bool, threshold: float,
                   max_draft: int, pld_num_tokens: int = 10, pld_ngram_size: int = 3,
-                  prompt_lookup: int = 7, skip_below: float = 0.0, tree=None) -> list[Method]:
+                  prompt_lookup: int = 7, skip_below: float = 0.0, tree=None, lookup_cost=None) -> list[Method]:
     """The methods called ``names`` (a subset of :data:`METHOD_ORDER`; :data:`TRAINED_METHODS` need
     ``trained``, ``early_exit`` its absence), in the order given. ``tree``: the
-    :class:`~kangaroo_lit.settings.DecodingSettings` of the tree methods (width, nodes, depth, cost model)."""
+    :class:`~kangaroo_lit.settings.DecodingSettings` of the tree methods (width, nodes, depth, cost model).
+    ``lookup_cost``: the :class:`~kangaroo_lit.decoding.cost.DecodeCost` the lookup methods size their window
+    by (None: a fixed window of ``prompt_lookup`` tokens)."""
     L = model.exit_layer
     draft = f"exit layer {L}, threshold {threshold:g}, max_draft {max_draft}" + (
         f", skip_below {skip_below:g}" if skip_below else "")
 
+    window = (f"at most {prompt_lookup} copied tokens, n-grams 3..2, "
+              + (f"window sized by the cost model ({lookup_cost.source})" if lookup_cost else "fixed window"))
+
     def adapter_decoder(lookup: int) -> SelfSpeculativeDecoder:
         return SelfSpeculativeDecoder(model, drafter=make_drafter("adapter", threshold, max_draft, lookup,
-                                                                  skip_below=skip_below))
+                                                                  skip_below=skip_below, lookup_cost=lookup_cost))
 
     def tree_decoder(lookup: int) -> SelfSpeculativeDecoder:
         return SelfSpeculativeDecoder(model, drafter=make_drafter(
             "tree", prompt_lookup=lookup, tree_width=tree.tree_width, tree_nodes=tree.tree_nodes,
-            tree_depth=tree.tree_depth, cost=tree.decode_cost(model)))
+            tree_depth=tree.tree_depth, cost=tree.decode_cost(model), lookup_cost=lookup_cost))
 
     def tree_description() -> str:
         cost = tree.decode_cost(model)
@@ -261,9 +268,10 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
             f"max_matching_ngram_size={pld_ngram_size})", model, eos,
             {"prompt_lookup_num_tokens": PLD_KERNEL_TOKENS, "max_matching_ngram_size": pld_ngram_size}),
         "lookup": lambda: DecoderMethod(
-            "lookup", f"prompt lookup alone in the self-speculative decoder (at most {prompt_lookup} copied tokens, "
-            "n-grams 3..2; a round without a match is a plain step)", model, eos,
-            SelfSpeculativeDecoder(model, drafter=make_drafter("lookup", prompt_lookup=prompt_lookup))),
+            "lookup", f"prompt lookup alone in the self-speculative decoder ({window}; a round without a match "
+            "is a plain step)", model, eos,
+            SelfSpeculativeDecoder(model, drafter=make_drafter("lookup", prompt_lookup=prompt_lookup,
+                                                               lookup_cost=lookup_cost))),
         "hf_early_exit": lambda: HFGenerateMethod(
             "hf_early_exit", f"HF assistant_early_exit={L + 1} (layers 0..{L}, untrained), "
             f"num_assistant_tokens={max_draft}, assistant_confidence_threshold={threshold:g}", model, eos,
@@ -272,15 +280,15 @@ def build_methods(model: KangarooModel, eos: list[int], names: list[str], traine
         "kangaroo": lambda: DecoderMethod("kangaroo", f"Kangaroo self-speculative, trained draft ({draft})", model,
                                           eos, adapter_decoder(0)),
         "kangaroo_lookup": lambda: DecoderMethod(
-            "kangaroo_lookup", f"Kangaroo self-speculative + prompt lookup (at most {prompt_lookup} copied tokens, "
-            f"n-grams 3..2), trained draft ({draft})", model, eos,
+            "kangaroo_lookup", f"Kangaroo self-speculative + prompt lookup ({window}), trained draft ({draft})",
+            model, eos,
             adapter_decoder(prompt_lookup)),
         "kangaroo_tree": lambda: DecoderMethod(
             "kangaroo_tree", f"Kangaroo self-speculative, tree drafts of the trained draft ({tree_description()})",
             model, eos, tree_decoder(0)),
         "kangaroo_tree_lookup": lambda: DecoderMethod(
-            "kangaroo_tree_lookup", f"Kangaroo tree drafts + prompt lookup (at most {prompt_lookup} copied tokens, "
-            f"n-grams 3..2; tree: {tree_description()})", model, eos, tree_decoder(prompt_lookup)),
+            "kangaroo_tree_lookup", f"Kangaroo tree drafts + prompt lookup ({window}; tree: {tree_description()})",
+            model, eos, tree_decoder(prompt_lookup)),
         "early_exit": lambda: DecoderMethod("early_exit", f"self-speculative, untrained early exit ({draft})", model,
                                             eos, adapter_decoder(0)),
     }

@@ -51,6 +51,8 @@ STATE_FILE = "specbench.json"
 ANSWER_SETTINGS = ("questions_sha256", "model", "artifact", "exit_layer", "dtype", "template", "seed",
                    "pld_num_tokens", "pld_ngram_size", "turns",
                    *(f for f in DECODING_ANSWER_FIELDS if f != "drafter"))
+# Settings whose default changed when they were added: a folder that predates one was made with this value.
+LEGACY_VALUES = {"lookup_window": "fixed"}
 # Methods whose drafts come from prompt lookup (they need --prompt_lookup >= 1) or from the adapter.
 LOOKUP_METHODS = ("lookup", "kangaroo_lookup", "kangaroo_tree_lookup")
 ADAPTER_METHODS = ("kangaroo", "kangaroo_lookup", "early_exit")
@@ -94,6 +96,7 @@ class SpecBenchSettings:
     out_dir: str
     overwrite: bool
     progress: bool = True
+    lookup_window: str = "cost"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for values out of range (before anything is loaded)."""
@@ -139,7 +142,7 @@ class SpecBenchSettings:
             skip_below=defaults.skip_below if self.skip_below is None else self.skip_below,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, kernel=self.kernel,
             tree_width=self.tree_width, tree_nodes=self.tree_nodes, tree_depth=self.tree_depth,
-            cost_model=self.cost_model)
+            cost_model=self.cost_model, lookup_window=self.lookup_window)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -213,10 +216,12 @@ def check_out_dir(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> N
         saved = json.loads(state.read_text()).get("answer_settings", {})
     except (json.JSONDecodeError, AttributeError):
         raise ConfigError(f"{state} is not a specbench state file; choose another --out_dir") from None
-    defaults = asdict(DecodingSettings())
+    # A setting newer than the folder: its answers were made as the setting's value then (LEGACY_VALUES) makes
+    # them, else as its default does.
+    defaults = {**asdict(DecodingSettings()), **LEGACY_VALUES}
 
     def same(key: str) -> bool:
-        if key not in saved:  # a setting newer than the folder: its answers were made as its default makes them
+        if key not in saved:
             return settings[key] == defaults.get(key)
         return saved[key] == settings[key]
 
@@ -360,7 +365,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                 "pld_num_tokens": s.pld_num_tokens, "pld_ngram_size": s.pld_ngram_size, "turns": s.turns,
                 "prompt_lookup": s.prompt_lookup, "kernel": s.kernel, "skip_below": draft.skip_below,
                 "tree_width": s.tree_width, "tree_nodes": s.tree_nodes, "tree_depth": s.tree_depth,
-                "cost_model": file_sha256(s.cost_model) if s.cost_model else None}
+                "cost_model": file_sha256(s.cost_model) if s.cost_model else None, "lookup_window": s.lookup_window}
     names = [m for m in METHOD_ORDER if m in (s.methods or DEFAULT_METHODS)]
     untrained = {"early_exit"} if draft.artifact else set(TRAINED_METHODS)
     names = [m for m in names if m not in untrained]
@@ -381,7 +386,8 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
         methods = build_methods(model, eos, names, trained=draft.artifact is not None, threshold=draft.threshold,
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
                                 pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup,
-                                skip_below=draft.skip_below, tree=s.decoding("tree"))
+                                skip_below=draft.skip_below, tree=s.decoding("tree"),
+                                lookup_cost=s.decoding("lookup").lookup_cost(model))
         conv = Conversations(renderer, tokenizer, s.max_new_tokens, s.sampling, s.seed, device)
         model_id = {m.name: f"{model_name(draft)}-{m.name}-{s.dtype}-temp-{s.temperature:g}" for m in methods}
         done = {run: {m.name: answer_files.read_answers(answer_files.answer_path(out_dir, run, m.name))
