@@ -346,6 +346,7 @@ def stage_bf16_identical(paths: RunPaths, dry_run: bool) -> dict[str, Any]:
     result = {"prompts": n_prompts, "max_new_tokens": new_tokens, "device": device}
     for dtype in ("bfloat16", "float32"):
         model = load_artifact(artifact, dtype=dtype, device=device)
+        model.merge_lora_for_decoding()  # as every decoding front-end does (load_for_decoding)
         spec, vanilla = SelfSpeculativeDecoder(model, threshold=0.3, max_draft=6), VanillaDecoder(model)
         same, mats = 0, []
         with torch.no_grad():
