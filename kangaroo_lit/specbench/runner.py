@@ -387,7 +387,7 @@ def run_specbench(s: SpecBenchSettings) -> dict[str, Any]:
                                 max_draft=draft.max_draft, pld_num_tokens=s.pld_num_tokens,
                                 pld_ngram_size=s.pld_ngram_size, prompt_lookup=s.prompt_lookup,
                                 skip_below=draft.skip_below, tree=s.decoding("tree"),
-                                lookup_cost=s.decoding("lookup").lookup_cost(model))
+                                lookup_cost=s.decoding("adapter").lookup_cost(model))  # None at --prompt_lookup 0
         conv = Conversations(renderer, tokenizer, s.max_new_tokens, s.sampling, s.seed, device)
         model_id = {m.name: f"{model_name(draft)}-{m.name}-{s.dtype}-temp-{s.temperature:g}" for m in methods}
         done = {run: {m.name: answer_files.read_answers(answer_files.answer_path(out_dir, run, m.name))
