@@ -154,8 +154,15 @@ def save_artifact(model: KangarooModel, out_dir: str | Path, base_model: str, dt
             in, then the old one deleted); without it such a directory is refused.
 
     Raises:
-        ConfigError: ``out_dir`` is a file, or a non-empty directory without ``overwrite``.
+        ConfigError: ``out_dir`` is a file, or a non-empty directory without ``overwrite``, or ``model`` had
+            its LoRA folded for decoding (its LoRA weights no longer exist apart from the layers).
     """
+    if model.lora_merged:
+        # PEFT's save_pretrained on the unloaded base would write the whole base model as "LoRA" and lose
+        # the draft's low-rank weights: refuse rather than write a wrong artifact.
+        raise ConfigError("save_artifact: this model's LoRA was folded into its layers for decoding "
+                          "(merge_lora_for_decoding, done by load_for_decoding); export from the training "
+                          "checkpoint (`kangaroo-lit export`) or copy the artifact it was loaded from")
     out = check_out_dir(out_dir, overwrite, keep=(base_model,))
     out.parent.mkdir(parents=True, exist_ok=True)
     manifest = manifest_for(model, base_model, dtype, training, metrics)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from kangaroo_lit.bench.common import pyplot
 from kangaroo_lit.bench.decode import aggregate
@@ -200,6 +201,22 @@ def test_cost_model_with_streaming_kernel_and_restricted_head(tmp_path):
     assert report["config"]["kernel"] == kernel and report["config"]["draft_vocab_size"] == 64
     with pytest.raises(ConfigError, match="draft_vocab_size must be in 1..512"):  # the tiny shape's vocabulary
         cost_model(shape="tiny", device="cpu", forced=False, draft_vocab_size=10**6)
+
+
+def test_cost_model_times_an_adapter_with_an_mlp():
+    """--adapter_mlp builds the wider draft, and its forced-acceptance run still accepts every draft."""
+    from kangaroo_lit.bench.cost_model import build_cost_model, cost_model
+    from kangaroo_lit.errors import ConfigError
+
+    model, _ = build_cost_model("tiny", None, 1, "float32", torch.device("cpu"), 0, adapter_mlp=48)
+    assert model.adapter.mlp is not None and model.adapter.mlp.down_proj.in_features == 48
+    report = cost_model(shape="tiny", device="cpu", context=16, ks=(2, 3), repeats=2, max_draft=2, runs=1,
+                        adapter_mlp=48)
+    forced = report["layers"][0]["forced"]
+    assert report["config"]["adapter_mlp"] == 48
+    assert forced["accept_rate"] == 1.0 and forced["identical"]
+    with pytest.raises(ConfigError, match="--adapter_mlp must be >= 0"):
+        cost_model(shape="tiny", device="cpu", forced=False, adapter_mlp=-1)
 
 
 def test_decode_writes_its_files_into_a_fresh_run_directory_by_default(tiny_llama_dir, tmp_path, monkeypatch,

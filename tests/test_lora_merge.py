@@ -90,3 +90,17 @@ def test_load_for_decoding_folds_an_artifacts_lora(tiny_llama_dir, tmp_path):
         a, b = unmerged(ids), loaded(ids)
     assert torch.equal(a.main_logits, b.main_logits)
     torch.testing.assert_close(a.exit_logits, b.exit_logits, rtol=0, atol=1e-4)  # float32 rounding
+
+
+def test_a_folded_model_is_not_exported(tiny_llama_dir, tmp_path):
+    """Its LoRA weights are gone into the layers: saving would write the base as "LoRA", so it is refused."""
+    from kangaroo_lit.artifact import save_artifact
+    from kangaroo_lit.decoding.session import load_for_decoding
+    from kangaroo_lit.errors import ConfigError
+    from tests.helpers import exported_artifact
+
+    _, _, artifact = exported_artifact(tiny_llama_dir, tmp_path, lora=LoraSettings(rank=4, scope="draft"))
+    folded = load_for_decoding(artifact).model
+    with pytest.raises(ConfigError, match="folded into its layers"):
+        save_artifact(folded, tmp_path / "again", base_model=str(tiny_llama_dir))
+    assert not (tmp_path / "again").exists()

@@ -77,6 +77,7 @@ def cost_model(
     threads: int | None = None,
     kernel: Kernel = "eager",
     draft_vocab_size: int | None = None,
+    adapter_mlp: int = 0,
     hf_static_cache: Literal["off", "eager", "compiled"] = "off",
     out_dir: str | None = None,
     rows_file: str | None = None,
@@ -103,6 +104,8 @@ def cost_model(
             verification alike.
         draft_vocab_size: K of a restricted draft head (``draft.vocab_size``; here the first K token ids, which
             costs the same as the K most frequent); None = the full vocabulary.
+        adapter_mlp: width of the adapter's MLP block (``draft.adapter_mlp``; 0: none, Kangaroo's adapter), so
+            that the wider draft's ``c`` is timed, not estimated.
         hf_static_cache: also time HF ``generate`` on a static cache (once, with the first exit layer), its
             decoding step compiled (``compiled``) or eager (``eager``), beside the default dynamic-cache one.
         out_dir: write decode_cost_<shape>_<device>.json and .md here.
@@ -114,6 +117,8 @@ def cost_model(
     config["device"] = str(device)
     if forced and draft_vocab_size is not None:
         raise ConfigError("--draft_vocab_size needs --forced false: a restricted head cannot be forced to agree")
+    if adapter_mlp < 0:
+        raise ConfigError(f"--adapter_mlp must be >= 0 (0: no MLP), got {adapter_mlp}")
     if forced and max_draft + 1 not in ks:
         raise ConfigError(f"--ks must include max_draft + 1 = {max_draft + 1} for the prediction")
     results, name, static = [], None, None
@@ -121,7 +126,8 @@ def cost_model(
            "device": str(device), "context": context}
     with torch_threads(threads or (1 if device.type == "cpu" else None)):
         for layer in as_list(exit_layer):
-            model, name = build_cost_model(shape, base_model, layer, dtype, device, seed, draft_vocab_size)
+            model, name = build_cost_model(shape, base_model, layer, dtype, device, seed, draft_vocab_size,
+                                           adapter_mlp)
             print(f"cost model: {name}, exit layer {layer}, {dtype} on {device}, context {context}", file=sys.stderr)
             with kernel_linears(model, kernel):
                 costs = measure_costs(model, context, list(ks), repeats, device, seed)
@@ -163,7 +169,7 @@ def cost_model(
 
 
 def build_cost_model(shape: str, base_model: str | None, exit_layer: int, dtype: str, device: torch.device,
-                     seed: int, draft_vocab_size: int | None = None):
+                     seed: int, draft_vocab_size: int | None = None, adapter_mlp: int = 0):
     """(KangarooModel with an untrained adapter, description): random weights born on the device, or a model."""
     from kangaroo_lit.architectures import load_base_model, resolve_dtype
     from kangaroo_lit.model import KangarooModel
@@ -180,7 +186,7 @@ def build_cost_model(shape: str, base_model: str | None, exit_layer: int, dtype:
     if draft_vocab_size is not None and not 0 < draft_vocab_size <= lm.config.vocab_size:
         raise ConfigError(f"--draft_vocab_size must be in 1..{lm.config.vocab_size}, got {draft_vocab_size}")
     draft_vocab = None if draft_vocab_size is None else torch.arange(draft_vocab_size)
-    model = KangarooModel(lm, exit_layer, trainable_dtype=torch_dtype, draft_vocab=draft_vocab)
+    model = KangarooModel(lm, exit_layer, trainable_dtype=torch_dtype, draft_vocab=draft_vocab, adapter_mlp=adapter_mlp)
     return model.to(device).eval().requires_grad_(False), name
 
 
@@ -277,6 +283,8 @@ def force_acceptance(model) -> None:
     with torch.no_grad():
         linears = [lin for idx in range(model.exit_layer + 1, model.num_layers)
                    for lin in (model.layers[idx].self_attn.o_proj, model.layers[idx].mlp.down_proj)]
+        if model.adapter.mlp is not None:  # the adapter's MLP adds to the residual too
+            linears.append(model.adapter.mlp.down_proj)
         for lin in [*linears, model.adapter.self_attn.o_proj]:
             lin.weight.zero_()
             if lin.bias is not None:
