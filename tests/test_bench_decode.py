@@ -205,11 +205,16 @@ def test_cost_model_with_streaming_kernel_and_restricted_head(tmp_path):
 
 def test_cost_model_times_an_adapter_with_an_mlp():
     """--adapter_mlp builds the wider draft, and its forced-acceptance run still accepts every draft."""
-    from kangaroo_lit.bench.cost_model import build_cost_model, cost_model
+    from kangaroo_lit.bench.cost_model import build_cost_model, cost_model, force_acceptance
     from kangaroo_lit.errors import ConfigError
 
     model, _ = build_cost_model("tiny", None, 1, "float32", torch.device("cpu"), 0, adapter_mlp=48)
     assert model.adapter.mlp is not None and model.adapter.mlp.down_proj.in_features == 48
+    # A built adapter starts with a zero MLP output; a trained one does not, and forcing must silence it too.
+    with torch.no_grad():
+        model.adapter.mlp.down_proj.weight.normal_()
+    force_acceptance(model)
+    assert not model.adapter.mlp.down_proj.weight.any()
     report = cost_model(shape="tiny", device="cpu", context=16, ks=(2, 3), repeats=2, max_draft=2, runs=1,
                         adapter_mlp=48)
     forced = report["layers"][0]["forced"]
